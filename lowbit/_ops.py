@@ -1,0 +1,73 @@
+"""torch.library custom ops (schemas, dispatch to the chosen backend, fake impls for tracing)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .formats import FORMATS
+from .qtensor import QParts
+
+
+@torch.library.custom_op("lowbit::quantize", mutates_args=())
+def quantize(x: Tensor, fmt: str, block: list[int], rounding: str, seed: int, scale_mode: str,
+             global_amax: Optional[Tensor], hadamard: int, inner: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    f = FORMATS[fmt]
+    return backends.get(backend).quantize(x, f, tuple(block), rounding, seed, scale_mode, global_amax, hadamard, inner)
+
+
+@quantize.register_fake
+def _(x, fmt, block, rounding, seed, scale_mode, global_amax, hadamard, inner, backend):
+    f = FORMATS[fmt]
+    R, K = x.shape
+    data = x.new_empty((R, K // 2 if f.packed else K), dtype=f.data_dtype)
+    scale = x.new_empty((R // block[0], K // block[1]), dtype=f.scale_dtype)
+    return data, scale, x.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("lowbit::dequantize", mutates_args=())
+def dequantize(data: Tensor, scale: Tensor, global_scale: Tensor, fmt: str, block: list[int], K: int,
+               dtype: torch.dtype, backend: str) -> Tensor:
+    return backends.get(backend).dequantize(data, scale, global_scale, FORMATS[fmt], tuple(block), K, dtype)
+
+
+@dequantize.register_fake
+def _(data, scale, global_scale, fmt, block, K, dtype, backend):
+    return data.new_empty((data.shape[0], K), dtype=dtype)
+
+
+@torch.library.custom_op("lowbit::cast", mutates_args=())
+def cast(x: Tensor, dtype: torch.dtype, rounding: str, seed: int, backend: str) -> Tensor:
+    return backends.get(backend).cast(x, dtype, rounding, seed)
+
+
+@cast.register_fake
+def _(x, dtype, rounding, seed, backend):
+    return x.new_empty(x.shape, dtype=dtype)
+
+
+@torch.library.custom_op("lowbit::hadamard", mutates_args=())
+def hadamard(x: Tensor, block: int, seed: int, inverse: bool, backend: str) -> Tensor:
+    return backends.get(backend).hadamard(x, block, None if seed < 0 else seed, inverse)
+
+
+@hadamard.register_fake
+def _(x, block, seed, inverse, backend):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("lowbit::qmatmul", mutates_args=())
+def qmatmul(a_data: Tensor, a_scale: Tensor, a_global_scale: Tensor, a_fmt: str, a_block: list[int],
+            b_data: Tensor, b_scale: Tensor, b_global_scale: Tensor, b_fmt: str, b_block: list[int],
+            K: int, out_dtype: torch.dtype, backend: str) -> Tensor:
+    a = QParts(a_data, a_scale, a_global_scale, FORMATS[a_fmt], tuple(a_block), K)
+    b = QParts(b_data, b_scale, b_global_scale, FORMATS[b_fmt], tuple(b_block), K)
+    return backends.get(backend).qmatmul(a, b, out_dtype)
+
+
+@qmatmul.register_fake
+def _(a_data, a_scale, a_global_scale, a_fmt, a_block, b_data, b_scale, b_global_scale, b_fmt, b_block, K,
+      out_dtype, backend):
+    return a_data.new_empty((a_data.shape[0], b_data.shape[0]), dtype=out_dtype)

@@ -1,0 +1,103 @@
+"""QTensor: quantized data + scales + format, and the 2-D view backends work on."""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from .formats import Format
+
+
+class QParts(NamedTuple):
+    """What a backend sees: storage as [R, K] (or [R, K/2] packed), scales [R/br, K/bk]."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    global_scale: torch.Tensor
+    fmt: Format
+    block: tuple[int, int]
+    K: int
+
+
+class QTensor:
+    """A tensor quantized along `axis`.
+
+    data:  codes with `axis` moved last (FP8: float8 tensor; FP4: uint8, element 2i in the low
+           nibble of byte i, 2i+1 in the high nibble), shape = shape with axis moved last
+           (last dim halved when packed).
+    scale: per-block scales, shape [R / br, K / bk] over the [R, K] view (0-d when tensor-wise);
+           fp32 for FP8 (x ~ q * scale), E8M0 exponent bytes (uint8) for MX, float8_e4m3fn for NVFP4.
+    global_scale: NVFP4 only, the fp32 encode scale 448 * 6 / amax; None otherwise.
+    block: (br, bk) over the [R, K] view.
+    """
+
+    def __init__(self, data, scale, global_scale, fmt: Format, shape, axis: int, block):
+        self.data = data
+        self.scale = scale
+        self.global_scale = global_scale
+        self.fmt = fmt
+        self.shape = torch.Size(shape)
+        self.axis = axis
+        self.block = tuple(block)
+
+    @property
+    def K(self) -> int:
+        return self.shape[self.axis]
+
+    @property
+    def R(self) -> int:
+        return math.prod(self.shape) // self.K if self.K else math.prod(s for i, s in enumerate(self.shape) if i != self.axis)
+
+    @property
+    def moved_shape(self) -> torch.Size:
+        dims = list(self.shape)
+        k = dims.pop(self.axis)
+        return torch.Size(dims + [k])
+
+    @property
+    def tensorwise(self) -> bool:
+        return self.scale.dim() == 0
+
+    def parts(self) -> QParts:
+        R, K = self.R, self.K
+        data = self.data.reshape(R, K // 2 if self.fmt.packed else K)
+        br, bk = self.block
+        scale = self.scale.reshape(R // br if br else 0, K // bk if bk else 0) if not self.tensorwise else self.scale.reshape(1, 1)
+        gs = self.global_scale if self.global_scale is not None else torch.ones((), dtype=torch.float32, device=data.device)
+        return QParts(data, scale, gs, self.fmt, self.block, K)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, *, backend: str | None = None) -> torch.Tensor:
+        from .ops import dequantize
+
+        return dequantize(self, dtype, backend=backend)
+
+    def t(self) -> "QTensor":
+        """Transpose of a 2-D QTensor quantized along its last dim, itself quantized along its last dim.
+
+        Exact (no requantization) only where the blocks are square tiles or the whole tensor,
+        as NVFP4 16x16 and FP8 128x128 weights are built to be.
+        """
+        if len(self.shape) != 2 or self.axis != 1:
+            raise ValueError("t(): expected a 2-D QTensor quantized along its last dim (axis=-1)")
+        br, bk = self.block
+        if not (self.tensorwise or br == bk):
+            raise ValueError(
+                f"t(): blocks {self.block} are not square, so the transpose is not the same quantization; "
+                "quantize the source along the other axis instead")
+        R, K = self.shape
+        if self.fmt.packed:
+            from .backends.ref import pack_fp4, unpack_fp4
+
+            if R % 2:
+                raise ValueError(f"t(): FP4 transpose needs an even number of rows, got {R}")
+            data = pack_fp4(unpack_fp4(self.data).t().contiguous())
+        else:
+            data = self.data.t().contiguous()
+        scale = self.scale if self.tensorwise else self.scale.t().contiguous()
+        block = (K, R) if self.tensorwise else self.block
+        return QTensor(data, scale, self.global_scale, self.fmt, (K, R), 1, block)
+
+    def __repr__(self) -> str:
+        return (f"QTensor(fmt={self.fmt.name}, shape={tuple(self.shape)}, axis={self.axis}, "
+                f"block={self.block}, data={self.data.dtype}, scale={self.scale.dtype}{tuple(self.scale.shape)})")
