@@ -1,0 +1,45 @@
+# Every target bootstraps .venv itself: a fresh machine needs nothing but Python.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lowbit-installed
+TORCH_CPU := torch==2.13.0
+DEV_PKGS := setuptools wheel ninja numpy pytest torchao==0.18.0 triton==3.7.1
+NATIVE := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cuh' -o -name '*.cu' 2>/dev/null)
+
+.PHONY: all demo test bench cuda-check env clean
+
+all: test
+
+# Reuse a CUDA build of torch that the system already has; otherwise the CPU build.
+$(PY):
+	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
+		$(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV); \
+	fi
+
+$(STAMP): $(PY) setup.py pyproject.toml Makefile $(NATIVE)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU)
+	$(PY) -m pip install -q $(DEV_PKGS)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	@touch $@
+
+env: $(STAMP)
+	$(PY) -m lowbit.env
+
+demo: $(STAMP)
+	$(PY) -m lowbit.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) bench/bench_quantize.py
+
+# Compiles every .cu file for sm_90a and sm_100a against the CUDA build of torch (no GPU needed).
+cuda-check:
+	bash scripts/cuda_check.sh
+
+clean:
+	rm -rf build lowbit/*.so *.egg-info
