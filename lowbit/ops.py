@@ -57,7 +57,8 @@ def _check_hadamard_block(block, K: int, name: str = "hadamard") -> int:
 
 
 def _backend_name(backend: str | None, op: str, x: torch.Tensor) -> str:
-    return backends.resolve(op, x.device.type, backend)
+    """Validated name or "auto"; availability is checked when the op runs."""
+    return backends.requested(backend)
 
 
 def _to_2d(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, int]:

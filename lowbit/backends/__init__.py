@@ -7,14 +7,14 @@ on), `unavailable()` (None, or the reason it cannot run here) and the op functio
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import importlib
 
 NAMES = ("ref", "cpu", "cuda", "triton")
 OPS = ("quantize", "dequantize", "cast", "hadamard", "qmatmul")
 AUTO_ORDER = {"cpu": ("cpu", "ref"), "cuda": ("cuda", "triton", "ref")}
 
-_requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("lowbit_backend", default=None)
+# Innermost `use_backend` last. A plain list (not a ContextVar) so torch.compile can read it.
+_requested: list[str] = []
 _modules: dict[str, object] = {}
 
 
@@ -51,10 +51,16 @@ def why_unavailable(name: str, op: str, device_type: str) -> str | None:
     return None
 
 
+def requested(backend: str | None = None) -> str:
+    """The backend asked for: the explicit argument, else the innermost `use_backend`, else "auto"."""
+    wanted = backend or (_requested[-1] if _requested else "auto")
+    return wanted if wanted == "auto" else check_name(wanted)
+
+
 def resolve(op: str, device_type: str, backend: str | None = None) -> str:
     """Pick the backend for `op` on `device_type`: explicit argument, then `use_backend`, then auto."""
-    wanted = backend or _requested.get()
-    if wanted is not None:
+    wanted = requested(backend)
+    if wanted != "auto":
         check_name(wanted)
         reason = why_unavailable(wanted, op, device_type)
         if reason:
@@ -66,7 +72,13 @@ def resolve(op: str, device_type: str, backend: str | None = None) -> str:
     return "ref"
 
 
+def for_op(op: str, device_type: str, backend: str) -> object:
+    """Resolve at run time (inside the custom op, never while tracing) and return the module."""
+    return get(resolve(op, device_type, None if backend == "auto" else backend))
+
+
 def get(name: str):
+    """The backend module `name` (already resolved), or a RuntimeError saying why it cannot load."""
     mod = load(name)
     if mod is None:
         raise RuntimeError(f"backend {name!r} is unavailable: {_modules[name]}")
@@ -76,10 +88,8 @@ def get(name: str):
 @contextlib.contextmanager
 def use_backend(name: str | None):
     """Route every lowbit op in this context to backend `name` (None restores automatic choice)."""
-    if name is not None:
-        check_name(name)
-    token = _requested.set(name)
+    _requested.append("auto" if name is None else check_name(name))
     try:
         yield
     finally:
-        _requested.reset(token)
+        _requested.pop()
