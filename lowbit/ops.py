@@ -89,9 +89,9 @@ def _normalize_block(fmt: Format, block, R: int, K: int) -> tuple[int, int]:
         if not isinstance(block, (tuple, list)) or tuple(block) not in allowed:
             raise ValueError(f"block: {fmt.name} accepts {' or '.join(map(str, allowed))}, got {block!r}")
         br, bk = block
-    if K % bk:
+    if bk and K % bk:
         raise ValueError(f"block: the quantized dimension has size {K}, not divisible by the block size {bk} ({fmt.name})")
-    if R % br:
+    if br and R % br:
         raise ValueError(f"block: the other dimensions hold {R} rows, not divisible by the block height {br} ({fmt.name})")
     return br, bk
 
