@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Compile-checks the CUDA extension without a GPU: every csrc/cuda/*.cu with nvcc -c for each
+# target architecture (default sm_90a and sm_100a, as setup.py builds), every csrc/cuda/*.cpp
+# with the host compiler, then links lowbit._C_cuda and imports it (no device is touched).
+#
+# Environment: LOWBIT_CUDA_ARCHS ("90a;100a"), CUDA_HOME (/usr/local/cuda), JOBS (nproc),
+# CUDA_CHECK_VENV (.venv-cuda), CUDA_CHECK_TORCH (torch==2.14.1), CUDA_CHECK_LINK (1; 0 skips
+# the link and import step).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+VENV="${CUDA_CHECK_VENV:-.venv-cuda}"
+TORCH_SPEC="${CUDA_CHECK_TORCH:-torch==2.14.1}"
+ARCHS="${LOWBIT_CUDA_ARCHS:-90a;100a}"
+JOBS="${JOBS:-$(nproc 2>/dev/null || echo 2)}"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+NVCC="$CUDA_HOME/bin/nvcc"
+PYTHON="${PYTHON:-python3}"
+start=$(date +%s)
+
+if [ ! -x "$NVCC" ]; then
+    echo "cuda_check: nvcc not found at $NVCC (set CUDA_HOME)" >&2
+    exit 1
+fi
+
+# A venv with a CUDA build of torch (its headers are what the extension compiles against).
+PY="$VENV/bin/python"
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
+    [ -x "$PY" ] || "$PYTHON" -m venv "$VENV"
+    echo "cuda_check: installing $TORCH_SPEC into $VENV"
+    "$PY" -m pip install -q "$TORCH_SPEC"
+    "$PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" || {
+        echo "cuda_check: $TORCH_SPEC in $VENV is not a CUDA build of torch" >&2; exit 1; }
+fi
+
+# Flags, include paths and libraries exactly as torch.utils.cpp_extension builds a CUDAExtension.
+FLAGS_FILE="$(mktemp)"
+"$PY" - "$ROOT" > "$FLAGS_FILE" <<'EOF'
+import glob, os, sys, sysconfig
+import torch
+from torch.utils import cpp_extension as ce
+
+root = sys.argv[1]
+site = os.path.dirname(os.path.dirname(torch.__file__))
+# Headers the CUDA wheels of torch carry (cuBLAS & co.) but a bare nvcc install may lack.
+wheel_inc = sorted(d for d in glob.glob(os.path.join(site, "nvidia", "*", "include"))
+                   if os.path.exists(os.path.join(d, "cublas_v2.h")))
+incs = [os.path.join(root, "csrc", "include")] + ce.include_paths(device_type="cuda") + [sysconfig.get_paths()["include"]]
+abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+common = ["-DTORCH_EXTENSION_NAME=_C_cuda", "-DTORCH_API_INCLUDE_EXTENSION_H", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+print("INCS=(" + " ".join(f"-I{p}" for p in incs) + ")")
+print("AFTER=(" + " ".join(f"-isystem {p}" for p in wheel_inc) + ")")
+print("NVCC_COMMON=(" + " ".join(ce.COMMON_NVCC_FLAGS + common) + ")")
+print("CXX_COMMON=(" + " ".join(common) + ")")
+lib_dirs = ce.library_paths(device_type="cuda") + [os.path.join(d, "..", "lib") for d in wheel_inc]
+print("LIBDIRS=(" + " ".join(f"-L{p}" for p in lib_dirs) + ")")
+print("RPATHS=(" + " ".join(f"-Wl,-rpath,{p}" for p in lib_dirs) + ")")
+EOF
+# shellcheck disable=SC1090
+source "$FLAGS_FILE"
+rm -f "$FLAGS_FILE"
+
+GENCODE=()
+IFS=';' read -ra ARCH_LIST <<< "$ARCHS"
+for a in "${ARCH_LIST[@]}"; do
+    [ -n "$a" ] && GENCODE+=("-gencode=arch=compute_${a},code=sm_${a}")
+done
+
+shopt -s nullglob
+CU=(csrc/cuda/*.cu)
+CPP=(csrc/cuda/*.cpp)
+if [ ${#CU[@]} -eq 0 ]; then
+    echo "cuda_check: no csrc/cuda/*.cu files" >&2
+    exit 1
+fi
+
+OBJ="$(mktemp -d)"
+trap 'rm -rf "$OBJ"' EXIT
+
+compile_one() {  # $1 = source; writes $OBJ/<name>.o and $OBJ/<name>.log, returns the compiler's status
+    local src="$1" name
+    name="$(basename "$src")"
+    if [[ "$src" == *.cu ]]; then
+        "$NVCC" -c "$src" -o "$OBJ/$name.o" -O3 -std=c++17 --expt-relaxed-constexpr "${GENCODE[@]}" \
+            "${NVCC_COMMON[@]}" -Xcompiler -fPIC -Xcompiler -Wall "${INCS[@]}" "${AFTER[@]}" \
+            > "$OBJ/$name.log" 2>&1
+    else
+        c++ -c "$src" -o "$OBJ/$name.o" -O3 -std=c++17 -fPIC -Wall "${CXX_COMMON[@]}" "${INCS[@]}" "${AFTER[@]}" \
+            > "$OBJ/$name.log" 2>&1
+    fi
+}
+
+echo "cuda_check: nvcc $("$NVCC" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), torch $("$PY" -c 'import torch; print(torch.__version__)'), archs ${ARCHS}, ${JOBS} jobs"
+pids=()
+srcs=()
+failed=0
+for src in "${CU[@]}" "${CPP[@]}"; do
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 0.2; done
+    compile_one "$src" &
+    pids+=($!)
+    srcs+=("$src")
+done
+for i in "${!pids[@]}"; do
+    src="${srcs[$i]}"
+    log="$OBJ/$(basename "$src").log"
+    if wait "${pids[$i]}"; then
+        echo "  ok    $src"
+        [ -s "$log" ] && sed 's/^/        /' "$log"
+    else
+        echo "  FAIL  $src"
+        sed 's/^/        /' "$log"
+        failed=1
+    fi
+done
+if [ "$failed" -ne 0 ]; then
+    echo "cuda_check: compile errors (above)" >&2
+    exit 1
+fi
+
+if [ "${CUDA_CHECK_LINK:-1}" = "1" ]; then
+    so="$OBJ/_C_cuda$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
+    if ! c++ -shared -o "$so" "$OBJ"/*.o "${LIBDIRS[@]}" "${RPATHS[@]}" \
+            -lc10 -lc10_cuda -ltorch -ltorch_cpu -ltorch_cuda -ltorch_python -lcudart > "$OBJ/link.log" 2>&1; then
+        echo "  FAIL  link"; sed 's/^/        /' "$OBJ/link.log"; exit 1
+    fi
+    # Loads the module (every symbol resolved, the bindings registered) on this GPU-less machine.
+    if ! "$PY" - "$so" > "$OBJ/import.log" 2>&1 <<'EOF'
+import importlib.util, sys
+import torch  # noqa: F401  (loads libc10 / libtorch first, as lowbit does)
+spec = importlib.util.spec_from_file_location("lowbit._C_cuda", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+missing = [f for f in ("quantize", "dequantize", "cast", "hadamard") if not hasattr(mod, f)]
+if missing:
+    sys.exit(f"lowbit._C_cuda lacks {missing}")
+print("functions:", ", ".join(sorted(n for n in dir(mod) if not n.startswith("_"))))
+EOF
+    then
+        echo "  FAIL  import"; sed 's/^/        /' "$OBJ/import.log"; exit 1
+    fi
+    echo "  ok    link + import ($(tail -1 "$OBJ/import.log"))"
+fi
+echo "cuda_check: passed in $(( $(date +%s) - start )) s"
