@@ -1,0 +1,80 @@
+"""Per-block amax of an [R, K] tensor as fp32 bit patterns (int32), with NaN for non-finite blocks.
+
+For non-negative floats the order of the bit patterns is the order of the values, so the maximum
+is an integer max (exact and independent of the reduction order); a block holding NaN or Inf
+ends at or above 0x7F800000 and reads as NaN.
+
+Two kernels: blocks whose sides are powers of two and hold at most TILE elements (MX, NVFP4,
+1 x 128, 16 x 16) are reduced NR x NK blocks per program from one [NR*br, NK*bk] tile; other
+blocks (tensor, row, large tiles) are reduced in slabs of TR rows that loop over the block's
+columns and fold into the block with an atomic max.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+TILE = 4096
+MAX_TR = 16
+MAX_TK = 256
+
+
+@triton.jit
+def _amax_tiles_kernel(x_ptr, amax_ptr, R, K, nbr, nbk, n_blocks, BR: tl.constexpr, BK: tl.constexpr,
+                       NR: tl.constexpr, NK: tl.constexpr, TOTAL: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * (NR * BR) + tl.arange(0, NR * BR)
+    cols = tl.program_id(1).to(tl.int64) * (NK * BK) + tl.arange(0, NK * BK)
+    mask = (rows < R)[:, None] & (cols < K)[None, :]
+    v = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    a = tl.reshape(v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, (NR, BR, NK, BK))
+    m = tl.max(tl.max(a, axis=3), axis=1)
+    bi = tl.program_id(0).to(tl.int64) * NR + tl.arange(0, NR)
+    bj = tl.program_id(1).to(tl.int64) * NK + tl.arange(0, NK)
+    bmask = (bi < nbr)[:, None] & (bj < nbk)[None, :]
+    tl.store(amax_ptr + bi[:, None] * nbk + bj[None, :], m, mask=bmask)
+    if TOTAL:
+        tl.atomic_max(amax_ptr + n_blocks, tl.max(tl.max(m, axis=1), axis=0))
+
+
+@triton.jit
+def _amax_slab_kernel(x_ptr, amax_ptr, K, br, bk, nbk, n_blocks, TR: tl.constexpr, TK: tl.constexpr,
+                      TOTAL: tl.constexpr):
+    pid_r = tl.program_id(0)
+    bj = tl.program_id(1)
+    rows = pid_r.to(tl.int64) * TR + tl.arange(0, TR)
+    acc = tl.zeros([TR, TK], dtype=tl.int32)
+    for k0 in range(0, bk, TK):
+        cols = k0 + tl.arange(0, TK)
+        mask = cols < bk
+        offs = rows[:, None] * K + (bj.to(tl.int64) * bk + cols)[None, :]
+        v = tl.load(x_ptr + offs, mask=mask[None, :], other=0.0).to(tl.float32)
+        acc = tl.maximum(acc, v.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+    m = tl.max(tl.max(acc, axis=1), axis=0)
+    tl.atomic_max(amax_ptr + (pid_r * TR // br) * nbk + bj, m)
+    if TOTAL:
+        tl.atomic_max(amax_ptr + n_blocks, m)
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def block_amax_bits(x: torch.Tensor, br: int, bk: int, total: bool) -> torch.Tensor:
+    """int32 [R // br * K // bk (+ 1)]: amax bits per block, row-major; with `total`, the tensor's last."""
+    R, K = x.shape
+    nbr, nbk = R // br, K // bk
+    n_blocks = nbr * nbk
+    amax = torch.zeros(n_blocks + (1 if total else 0), dtype=torch.int32, device=x.device)
+    if not x.numel():
+        return amax
+    if _pow2(br) and _pow2(bk) and br * bk <= TILE:
+        nk = max(1, min(TILE // (br * bk), triton.next_power_of_2(nbk), 128 // bk if bk < 128 else 1))
+        nr = max(1, min(TILE // (br * bk * nk), triton.next_power_of_2(nbr)))
+        _amax_tiles_kernel[(triton.cdiv(nbr, nr), triton.cdiv(nbk, nk))](
+            x, amax, R, K, nbr, nbk, n_blocks, br, bk, nr, nk, total)
+    else:
+        tr = min(br & -br, MAX_TR)
+        tk = min(triton.next_power_of_2(bk), MAX_TK)
+        _amax_slab_kernel[(R // tr, nbk)](x, amax, K, br, bk, nbk, n_blocks, tr, tk, total)
+    return amax

@@ -1,0 +1,39 @@
+"""Unscaled saturating cast to bf16 / fp16 / fp8 (nearest-even or stochastic), one element per lane."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._rounding import ELEMENT_CODES, random_bits, round_to_code
+
+BLOCK = 1024
+
+
+@triton.jit
+def _cast_kernel(x_ptr, out_ptr, n, seed, STOCHASTIC: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr,
+                 MAX_CODE: tl.constexpr, INF_CODE: tl.constexpr, NAN_CODE: tl.constexpr,
+                 SIGN_SHIFT: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    rbits = tl.zeros([BLOCK], dtype=tl.uint32)
+    if STOCHASTIC:
+        rbits = random_bits(seed, offs)
+    code = round_to_code(v, rbits, STOCHASTIC, MBITS, BIAS, MAX_CODE, INF_CODE, NAN_CODE, SIGN_SHIFT)
+    if WIDE:
+        code = tl.where(code >= 0x8000, code - 0x10000, code)
+        tl.store(out_ptr + offs, code.to(tl.int16), mask=mask)
+    else:
+        tl.store(out_ptr + offs, code.to(tl.uint8), mask=mask)
+
+
+def cast(x: torch.Tensor, elem_name: str, dtype: torch.dtype, rounding: str, seed: int) -> torch.Tensor:
+    x = x.contiguous()
+    wide = torch.empty((), dtype=dtype).element_size() == 2
+    out = torch.empty(x.shape, dtype=torch.int16 if wide else torch.uint8, device=x.device)
+    n = x.numel()
+    if n:
+        _cast_kernel[(triton.cdiv(n, BLOCK),)](x, out, n, seed, rounding == "stochastic", *ELEMENT_CODES[elem_name],
+                                               wide, BLOCK, enable_fp_fusion=False)
+    return out.view(dtype)
