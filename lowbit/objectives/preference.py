@@ -1,0 +1,208 @@
+"""Alignment objectives on sequence log-probabilities: DPO with f-divergences (f-DPO) and KLDO.
+
+* f-DPO (Wang et al., "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse
+  Divergence Constraints"): with u = pi(y|x) / pi_ref(y|x) and f the divergence's generator, the
+  implicit reward is beta * f'(u), and the loss is the Bradley-Terry log-loss of the reward gap,
+  -log sigmoid(beta * (f'(u_w) - f'(u_l))). Reverse KL (f'(u) = log u + 1) is standard DPO.
+* KLDO (Haldar et al., "LLM Safety Alignment is Divergence Estimation in Disguise"): the
+  Donsker-Varadhan estimator of KL(aligned || unaligned) with the critic r = beta * log(pi / pi_ref):
+  L = -E_{D+}[r] + log E_{D-}[exp r], minimised, so -L estimates the divergence. Aligned (D+) and
+  unaligned (D-) responses need not be paired (compliance vs refusal data).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .sft import _check_labels
+
+DIVERGENCES = ("reverse_kl", "forward_kl", "js", "alpha")
+
+__all__ = ["DIVERGENCES", "sequence_logps", "dpo_loss", "kldo_loss", "KLDORunningMean"]
+
+# exp() arguments are capped here so an extreme policy/reference ratio cannot overflow fp32.
+_EXP_CAP = 50.0
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Summed fp32 log p(labels) per sequence: ``logits`` (B, T, V), ``labels`` (B, T) aligned (already
+    shifted) with ``ignore_index`` on prompt / padding positions; returns shape (B,)."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    if logits.dim() < 2:
+        raise ValueError(f"logits must be (..., T, V), got shape {tuple(logits.shape)}")
+    valid = _check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index, "logits.shape[:-1]")
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, logp, torch.zeros_like(logp)).sum(-1)
+
+
+def _check_logps(**named: torch.Tensor) -> torch.Size:
+    shape = None
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+        if shape is None:
+            shape, first = t.shape, name
+        elif t.shape != shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} does not match {first} shape {tuple(shape)}")
+    return shape
+
+
+def _check_beta(beta) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise TypeError(f"beta must be a number, got {type(beta).__name__}")
+    if not (beta > 0 and math.isfinite(beta)):
+        raise ValueError(f"beta must be a finite number > 0, got {beta}")
+    return float(beta)
+
+
+def _f_prime(logratio: torch.Tensor, divergence: str, alpha: float) -> torch.Tensor:
+    """f'(u) - f'(1) for u = exp(logratio); the constant shift cancels in every reward gap."""
+    if divergence == "reverse_kl":
+        return logratio
+    if divergence == "js":
+        # f(u) = u log u - (u + 1) log((u + 1) / 2) gives f'(u) = log(2u / (1 + u)).
+        return logratio + math.log(2.0) - F.softplus(logratio)
+    a = 1.0 if divergence == "forward_kl" else alpha
+    # alpha-divergence f'(u) = (1 - u^-a) / a; forward KL (f = -log u) is a = 1.
+    return -torch.expm1((-a * logratio).clamp(max=_EXP_CAP)) / a
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, *, beta: float = 0.1,
+             divergence: str = "reverse_kl", alpha: Optional[float] = None, label_smoothing: float = 0.0,
+             reduction: str = "mean") -> tuple[torch.Tensor, dict]:
+    """f-DPO loss on per-sequence log-probs (e.g. from :func:`sequence_logps`); returns ``(loss, metrics)``.
+
+    ``divergence``: ``reverse_kl`` (standard DPO), ``forward_kl``, ``js`` or ``alpha`` (needs ``alpha``
+    in (0, 1]; alpha = 1 is forward KL). ``label_smoothing`` eps in [0, 0.5] is conservative DPO:
+    -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h).
+
+    ``metrics`` (detached): ``chosen_rewards`` / ``rejected_rewards`` per pair (beta * f'(u), shifted so
+    that a policy equal to the reference scores 0; for reverse KL this is beta * log(pi / pi_ref)),
+    their means ``chosen_reward`` / ``rejected_reward``, ``margin`` (mean reward gap) and ``accuracy``
+    (fraction of pairs whose chosen reward is higher).
+    """
+    _check_logps(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
+                 ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
+    beta = _check_beta(beta)
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; known divergences: {', '.join(DIVERGENCES)}")
+    if divergence == "alpha":
+        if alpha is None:
+            raise ValueError("divergence='alpha' needs alpha in (0, 1]")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
+    elif alpha is not None:
+        raise ValueError(f"alpha is only used by divergence='alpha', not {divergence!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"label_smoothing must be a number, got {type(label_smoothing).__name__}")
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5], got {label_smoothing}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be one of mean, sum, none, got {reduction!r}")
+
+    chosen = beta * _f_prime(policy_chosen_logps.float() - ref_chosen_logps.float(), divergence, alpha)
+    rejected = beta * _f_prime(policy_rejected_logps.float() - ref_rejected_logps.float(), divergence, alpha)
+    gap = chosen - rejected
+    losses = -(1.0 - label_smoothing) * F.logsigmoid(gap) - label_smoothing * F.logsigmoid(-gap)
+    loss = losses.mean() if reduction == "mean" else losses.sum() if reduction == "sum" else losses
+    c, r = chosen.detach(), rejected.detach()
+    metrics = {
+        "chosen_rewards": c, "rejected_rewards": r,
+        "chosen_reward": c.mean(), "rejected_reward": r.mean(),
+        "margin": (c - r).mean(), "accuracy": (c > r).float().mean(),
+    }
+    return loss, metrics
+
+
+class KLDORunningMean:
+    """Moving average of E_{D-}[exp r] for KLDO's bias-corrected gradient (the authors' ``ma`` mode).
+
+    The gradient of log E[exp r] over a mini-batch is exp(r_j) / (n * E[exp r]); estimating the
+    denominator from one small batch biases it (as in MINE), so it is replaced by an exponential moving
+    average over batches, updated with weight ``rate`` and kept in log space.
+    """
+
+    def __init__(self, rate: float = 0.1):
+        if not 0.0 < rate <= 1.0:
+            raise ValueError(f"rate must lie in (0, 1], got {rate}")
+        self.rate = float(rate)
+        self.log_value: Optional[torch.Tensor] = None
+
+    def update(self, batch_log_mean_exp: torch.Tensor) -> torch.Tensor:
+        x = batch_log_mean_exp.detach()
+        if self.log_value is None or self.rate == 1.0:
+            self.log_value = x
+        else:
+            self.log_value = torch.logaddexp(self.log_value + math.log1p(-self.rate), x + math.log(self.rate))
+        return self.log_value
+
+    def reset(self) -> None:
+        self.log_value = None
+
+
+def _log_mean_exp(x: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(x, 0) - math.log(x.shape[0])
+
+
+def kldo_loss(policy_aligned_logps: torch.Tensor, policy_unaligned_logps: torch.Tensor,
+              ref_aligned_logps: torch.Tensor, ref_unaligned_logps: torch.Tensor, *, beta: float = 0.1,
+              running_mean: Optional[KLDORunningMean] = None) -> tuple[torch.Tensor, dict]:
+    """KLDO loss ``-mean(r+) + log mean(exp r-)`` with r = beta * (policy - ref) log-probs; ``(loss, metrics)``.
+
+    Aligned (compliance / preferred) and unaligned (refusal-worthy / rejected) batches are 1-D and may
+    differ in size. The loss value is always the plain mini-batch Donsker-Varadhan estimate; with a
+    :class:`KLDORunningMean` the gradient of the log-mean-exp term uses its moving-average denominator
+    (the authors' default ``ma`` estimator) and the average is updated. An empty side contributes 0.
+
+    ``metrics`` (detached): ``aligned_reward`` / ``unaligned_reward`` (mean r), ``margin`` (their
+    difference), ``accuracy`` (fraction of (aligned, unaligned) pairs with r+ > r-), ``kl_estimate``
+    (-loss, the DV lower bound on KL(aligned || unaligned) in the critic's units).
+    """
+    _check_logps(policy_aligned_logps=policy_aligned_logps, ref_aligned_logps=ref_aligned_logps)
+    _check_logps(policy_unaligned_logps=policy_unaligned_logps, ref_unaligned_logps=ref_unaligned_logps)
+    for name, t in (("policy_aligned_logps", policy_aligned_logps), ("policy_unaligned_logps", policy_unaligned_logps)):
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D (one log-prob per sequence), got shape {tuple(t.shape)}")
+    beta = _check_beta(beta)
+    if running_mean is not None and not isinstance(running_mean, KLDORunningMean):
+        raise TypeError(f"running_mean must be a KLDORunningMean or None, got {type(running_mean).__name__}")
+
+    r_pos = beta * (policy_aligned_logps.float() - ref_aligned_logps.float())
+    r_neg = beta * (policy_unaligned_logps.float() - ref_unaligned_logps.float())
+    zero = (r_pos.sum() + r_neg.sum()) * 0.0
+    aligned_term = r_pos.mean() if r_pos.numel() else zero
+    if r_neg.numel() == 0:
+        unaligned_term = zero
+    else:
+        lme = _log_mean_exp(r_neg)
+        if running_mean is None:
+            unaligned_term = lme
+        else:
+            log_avg = running_mean.update(lme)
+            # Value: the batch estimate; gradient: exp(r_j) / (n * moving average).
+            w = torch.exp(r_neg - log_avg).mean()
+            unaligned_term = lme.detach() + (w - w.detach())
+    loss = unaligned_term - aligned_term
+
+    p, n = r_pos.detach(), r_neg.detach()
+    nan = torch.tensor(float("nan"))
+    metrics = {
+        "aligned_reward": p.mean() if p.numel() else nan,
+        "unaligned_reward": n.mean() if n.numel() else nan,
+        "kl_estimate": -loss.detach(),
+    }
+    metrics["margin"] = metrics["aligned_reward"] - metrics["unaligned_reward"]
+    metrics["accuracy"] = (p[:, None] > n[None, :]).float().mean() if p.numel() and n.numel() else nan
+    return loss, metrics
