@@ -59,8 +59,13 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, chunk_size):
     return _check_labels(labels, hidden.shape[:-1], weight.shape[0], ignore_index, "hidden.shape[:-1]")
 
 
+def _acc_dtype(*ts) -> torch.dtype:
+    # fp32 accumulation; fp64 only when every input is fp64 (reference / gradcheck use).
+    return torch.float64 if all(t is None or t.dtype == torch.float64 for t in ts) else torch.float32
+
+
 def _chunk_logits(h: torch.Tensor, w32: torch.Tensor, b32: Optional[torch.Tensor]) -> torch.Tensor:
-    z = h.float() @ w32.t()
+    z = h.to(w32.dtype) @ w32.t()
     if b32 is not None:
         z += b32
     return z
@@ -69,7 +74,7 @@ def _chunk_logits(h: torch.Tensor, w32: torch.Tensor, b32: Optional[torch.Tensor
 def _logp_pass(h2, w32, b32, safe, chunk):
     """Target log-prob and logsumexp per token, chunk by chunk (no gradients)."""
     n = h2.shape[0]
-    logp = torch.empty(n, dtype=torch.float32, device=h2.device)
+    logp = torch.empty(n, dtype=w32.dtype, device=h2.device)
     lse = torch.empty_like(logp)
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
@@ -95,8 +100,9 @@ class _FusedScalar(torch.autograd.Function):
         safe = torch.where(valid, labels, torch.zeros_like(labels)).reshape(-1).long()
         valid_f = valid.reshape(-1)
         n = h2.shape[0]
-        w32 = weight.float()
-        b32 = bias.float() if bias is not None else None
+        acc = _acc_dtype(hidden, weight, bias)
+        w32 = weight.to(acc)
+        b32 = bias.to(acc) if bias is not None else None
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         need_any = need_h or need_w or need_b
 
@@ -106,7 +112,7 @@ class _FusedScalar(torch.autograd.Function):
             keep_global = _keep_mask(logp_all, valid_f, spec)
             del logp_all
 
-        grad_h = torch.zeros(n, shape_h[-1], dtype=torch.float32, device=hidden.device) if need_h else None
+        grad_h = torch.zeros(n, shape_h[-1], dtype=acc, device=hidden.device) if need_h else None
         grad_w = torch.zeros_like(w32) if need_w else None
         grad_b = torch.zeros_like(b32) if need_b else None
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
@@ -127,7 +133,7 @@ class _FusedScalar(torch.autograd.Function):
                 if need_h:
                     grad_h[s:e] = g @ w32
                 if need_w:
-                    grad_w.addmm_(g.t(), hc.float())
+                    grad_w.addmm_(g.t(), hc.to(acc))
                 if need_b:
                     grad_b += g.sum(0)
                 del g
@@ -137,7 +143,7 @@ class _FusedScalar(torch.autograd.Function):
             warnings.warn("fused_linear_sft_loss: no token is kept (all labels are ignore_index, or the "
                           "objective's selection is empty); returning a zero loss", RuntimeWarning, stacklevel=3)
         scale = 1.0 / n_keep if (reduction == "mean" and n_keep > 0) else 1.0
-        loss = (total * scale).to(torch.float32)
+        loss = (total * scale).to(acc)
         grads = []
         for g, ref in ((grad_h, hidden), (grad_w, weight), (grad_b, bias)):
             if g is not None:
@@ -171,8 +177,9 @@ class _FusedTokenLogps(torch.autograd.Function):
         shape_h = hidden.shape
         h2 = hidden.reshape(-1, shape_h[-1])
         safe = torch.where(valid, labels, torch.zeros_like(labels)).reshape(-1).long()
-        w32 = weight.float()
-        b32 = bias.float() if bias is not None else None
+        acc = _acc_dtype(hidden, weight, bias)
+        w32 = weight.to(acc)
+        b32 = bias.to(acc) if bias is not None else None
         logp, lse = _logp_pass(h2, w32, b32, safe, chunk)
         logp = torch.where(valid.reshape(-1), logp, torch.zeros_like(logp))
         ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), safe, valid, lse)
@@ -188,10 +195,11 @@ class _FusedTokenLogps(torch.autograd.Function):
         shape_h = hidden.shape
         h2 = hidden.reshape(-1, shape_h[-1])
         n = h2.shape[0]
-        w32 = weight.float()
-        b32 = bias.float() if bias is not None else None
-        coef_all = torch.where(valid.reshape(-1), grad_out.reshape(-1).float(), torch.zeros_like(lse))
-        grad_h = torch.empty(n, shape_h[-1], dtype=torch.float32, device=hidden.device) if need_h else None
+        acc = _acc_dtype(hidden, weight, bias)
+        w32 = weight.to(acc)
+        b32 = bias.to(acc) if bias is not None else None
+        coef_all = torch.where(valid.reshape(-1), grad_out.reshape(-1).to(acc), torch.zeros_like(lse))
+        grad_h = torch.empty(n, shape_h[-1], dtype=acc, device=hidden.device) if need_h else None
         grad_w = torch.zeros_like(w32) if need_w else None
         grad_b = torch.zeros_like(b32) if need_b else None
         chunk = ctx.chunk
@@ -202,7 +210,7 @@ class _FusedTokenLogps(torch.autograd.Function):
             if need_h:
                 grad_h[s:e] = g @ w32
             if need_w:
-                grad_w.addmm_(g.t(), hc.float())
+                grad_w.addmm_(g.t(), hc.to(acc))
             if need_b:
                 grad_b += g.sum(0)
             del g

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .sft import _check_labels
+from .sft import _acc, _check_labels
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "js", "alpha")
 
@@ -38,7 +38,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
         raise ValueError(f"logits must be (..., T, V), got shape {tuple(logits.shape)}")
     valid = _check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index, "logits.shape[:-1]")
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    logp = torch.log_softmax(_acc(logits), -1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return torch.where(valid, logp, torch.zeros_like(logp)).sum(-1)
 
 
@@ -112,8 +112,8 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be one of mean, sum, none, got {reduction!r}")
 
-    chosen = beta * _f_prime(policy_chosen_logps.float() - ref_chosen_logps.float(), divergence, alpha)
-    rejected = beta * _f_prime(policy_rejected_logps.float() - ref_rejected_logps.float(), divergence, alpha)
+    chosen = beta * _f_prime(_acc(policy_chosen_logps) - _acc(ref_chosen_logps), divergence, alpha)
+    rejected = beta * _f_prime(_acc(policy_rejected_logps) - _acc(ref_rejected_logps), divergence, alpha)
     gap = chosen - rejected
     losses = -(1.0 - label_smoothing) * F.logsigmoid(gap) - label_smoothing * F.logsigmoid(-gap)
     loss = losses.mean() if reduction == "mean" else losses.sum() if reduction == "sum" else losses
@@ -179,8 +179,8 @@ def kldo_loss(policy_aligned_logps: torch.Tensor, policy_unaligned_logps: torch.
     if running_mean is not None and not isinstance(running_mean, KLDORunningMean):
         raise TypeError(f"running_mean must be a KLDORunningMean or None, got {type(running_mean).__name__}")
 
-    r_pos = beta * (policy_aligned_logps.float() - ref_aligned_logps.float())
-    r_neg = beta * (policy_unaligned_logps.float() - ref_unaligned_logps.float())
+    r_pos = beta * (_acc(policy_aligned_logps) - _acc(ref_aligned_logps))
+    r_neg = beta * (_acc(policy_unaligned_logps) - _acc(ref_unaligned_logps))
     zero = (r_pos.sum() + r_neg.sum()) * 0.0
     aligned_term = r_pos.mean() if r_pos.numel() else zero
     if r_neg.numel() == 0:

@@ -157,6 +157,11 @@ def _token_dloss(logp: torch.Tensor, spec: _Spec) -> torch.Tensor:
     return torch.full_like(logp, -1.0)
 
 
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """Upcast to fp32 for the log-softmax; fp64 stays fp64 (reference / gradcheck use)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _warn_all_masked() -> None:
     warnings.warn("sft_loss: no token is kept (all labels are ignore_index, or the objective's selection "
                   "is empty); returning a zero loss", RuntimeWarning, stacklevel=3)
@@ -185,7 +190,7 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, *, objective: str = "nl
     dtype of ``logits``. ``reduction="mean"`` averages over the tokens the objective keeps (see the
     module docstring), ``"sum"`` sums them, ``"none"`` returns the per-token loss (0 where not kept)
     with the shape of ``labels``. When nothing is kept the loss is 0 (with a ``RuntimeWarning``),
-    never NaN. The result is fp32.
+    never NaN. The result is fp32 (fp64 for fp64 logits).
     """
     spec = _check_objective(objective, alpha, tau, p)
     _check_reduction(reduction)
@@ -197,7 +202,7 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, *, objective: str = "nl
         raise ValueError(f"logits must have a non-empty last (vocabulary) dimension, got shape {tuple(logits.shape)}")
     valid = _check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index, "logits.shape[:-1]")
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    logp_all = torch.log_softmax(logits.float(), dim=-1)
+    logp_all = torch.log_softmax(_acc(logits), dim=-1)
     logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     keep = _keep_mask(logp, valid, spec)
     return _reduce(_token_loss(logp, spec), keep, reduction, logp)
@@ -263,7 +268,7 @@ def prior_strength(model: torch.nn.Module, dataloader: Iterable, *, ignore_index
             labels = labels.to(logits.device)
             valid = _check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index, "logits.shape[:-1]")
             safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
-            logp = torch.log_softmax(logits.float(), -1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+            logp = torch.log_softmax(_acc(logits), -1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
             total += float(logp.exp()[valid].sum(dtype=torch.float64))
             count += int(valid.sum())
     finally:
