@@ -6,16 +6,23 @@ float8_e8m0fnu, NVFP4 as float8_e4m3fn); NVFP4's `per_tensor_scale` is amax / 26
 lowbit's `global_scale`.
 
 MX: the rules coincide on finite data (floor and rceil), so scales and codes agree exactly.
-NVFP4: torchao scales elements by `x * ((1 / per_tensor_scale) / s_blk)` where the spec computes
-`x * s_enc / s_blk` (DESIGN section 3). On bf16 inputs the two differ in the last bit for a few
-elements, which changes the code only where the spec's value is an exact rounding tie: scales
-agree 100 %, codes >= 99.8 %, every differing code is one grid step away at such a tie, and the
-dequantized error is not worse than torchao's. Both code sets are decoded with the same float64
-arithmetic for that comparison (torchao's own dequantize multiplies in a different fp32 order,
-which moves the error in the 8th digit on its own). At a tie the exact scaled value sits within
-eps = 2^-20 of the midpoint (two fp32 roundings of a value below 8), so each tie can favour
-torchao's choice by at most (s_blk / s_enc)^2 * 2 * h * eps (h the grid step); that sum is the
-only slack allowed.
+NVFP4: torchao computes the block scale as `(amax_blk / 6) / per_tensor_scale` and scales elements
+by `x * ((1 / per_tensor_scale) / s_blk)`, where the spec computes `amax_blk / 6 * s_enc` and
+`x * s_enc / s_blk` (DESIGN section 3). On bf16 inputs the two orders differ in the last fp32 bit
+now and then, which matters only where the exact value is a rounding tie:
+  * block scales: where the exact `amax_blk * 2688 / (6 * amax)` is an E4M3 midpoint, the spec
+    computes it exactly and rounds to even while torchao lands a bit below and rounds down. With
+    a tensor amax of short mantissa (4.8125 in the normal sample here) this hits 0.7 % of blocks,
+    so DESIGN's "100 % of scales" holds only for some inputs; every difference is such a tie and
+    the spec's scale is the correctly rounded one.
+  * codes, in blocks whose scales agree: >= 99.8 % equal; each difference is one grid step at an
+    exact tie of the spec's scaled value, and the decoded error there is not worse than torchao's
+    (both decoded with the same float64 arithmetic; at a tie the exact scaled value sits within
+    eps = 2^-20 of the midpoint, two fp32 roundings of a value below 8, so each tie may favour
+    torchao by at most (s_blk / s_enc)^2 * 2 * h * eps, h the grid step; that sum is the slack).
+  * over the whole tensor the error stays within 0.5 % of torchao's: rounding a tied block
+    scale up (to even) instead of down makes that block's grid coarser; it costs 0.1 % of MSE on
+    the normal sample.
 """
 import pytest
 import torch
@@ -62,29 +69,48 @@ def test_mx_matches_torchao_exactly(backend, dist, name, elem, mode):
     assert torch.equal(ao.dequantize(torch.float32), q.dequantize(backend=backend))
 
 
+E4M3_GRID = torch.tensor([v for c in range(127) for v in [(c & 7) * 2.0**-9 if c < 8 else
+                          (1 + (c & 7) / 8) * 2.0 ** ((c >> 3) - 7)]], dtype=torch.float64)
+
+
+def is_e4m3_midpoint(t: torch.Tensor) -> torch.Tensor:
+    mids = (E4M3_GRID[1:] + E4M3_GRID[:-1]) / 2
+    return torch.isin(t, mids)
+
+
 @pytest.mark.parametrize("dist", ["normal", "student_t3"])
 def test_nvfp4_matches_torchao_up_to_ties(backend, dist):
     x = sample(dist)
     amax = x.float().abs().max()
     ao = nvfp4_tensor.NVFP4Tensor.to_nvfp4(x, per_tensor_scale=nvfp4_tensor.per_tensor_amax_to_scale(amax))
     q = lowbit.quantize(x, "nvfp4", backend=backend)
-    assert torch.equal(ao.scale.view(torch.uint8), q.scale.view(torch.uint8))  # 100 % of scales
+    M, K = x.shape
+    sa, sq = ao.scale.view(torch.uint8), q.scale.view(torch.uint8)
+    scale_differ = sa != sq
+    exact = x.double().reshape(M, K // 16, 16).abs().amax(-1) * 2688 / (6 * amax.double())
+    assert is_e4m3_midpoint(exact[scale_differ]).all()
+    rne = exact.clamp(2.0**-6, 448).to(torch.float32).to(torch.float8_e4m3fn).view(torch.uint8)
+    assert torch.equal(rne[scale_differ], sq[scale_differ])
+    assert float(scale_differ.float().mean()) <= 0.01
+
     ca, cq = unpack(ao.qdata.view(torch.uint8)), unpack(q.data)
-    differ = ca != cq
-    agree = 1.0 - float(differ.float().mean())
-    assert agree >= 0.998
-    # every difference: same sign, adjacent magnitudes, and the spec's scaled value is an exact tie
+    same_scale = ~scale_differ.repeat_interleave(16, 1)
+    differ = (ca != cq) & same_scale
+    assert 1.0 - float(differ.sum()) / float(same_scale.sum()) >= 0.998
     assert ((ca[differ] & 8) == (cq[differ] & 8)).all()
-    assert ((ca[differ] & 7).int() - (cq[differ] & 7).int()).abs().max() <= 1 if differ.any() else True
+    assert (((ca[differ] & 7).int() - (cq[differ] & 7).int()).abs() == 1).all()
     s_blk = q.scale.float().repeat_interleave(16, 1)
     v = (x.float() * q.global_scale / s_blk).abs()
     assert torch.isin(v[differ], TIES).all()
-    # decoded error no worse than torchao's
+
     table = torch.tensor(E2M1_VALUES + tuple(-t for t in E2M1_VALUES))
     assert torch.equal(q.dequantize(backend=backend), table[cq.long()] * s_blk / q.global_scale)
-    s64 = q.scale.double().repeat_interleave(16, 1) / q.global_scale.double()
     t64 = table.double()
-    ours, theirs = t64[cq.long()] * s64, t64[ca.long()] * s64
+    s_ours = q.scale.double().repeat_interleave(16, 1) / q.global_scale.double()
+    s_ao = ao.scale.double().repeat_interleave(16, 1) / q.global_scale.double()  # same decode arithmetic
+    ours, theirs = t64[cq.long()] * s_ours, t64[ca.long()] * s_ao
     h = (t64[cq.long()] - t64[ca.long()]).abs()[differ]
-    slack = float((s64[differ] ** 2 * 2 * h * 2.0**-20).sum()) / x.numel()
-    assert mse(ours, x) <= mse(theirs, x) + slack
+    slack = float((s_ours[differ] ** 2 * 2 * h * 2.0**-20).sum())
+    xs = x.double()[same_scale]
+    assert float(((ours[same_scale] - xs) ** 2).sum()) <= float(((theirs[same_scale] - xs) ** 2).sum()) + slack
+    assert mse(ours, x) <= 1.005 * mse(theirs, x)
