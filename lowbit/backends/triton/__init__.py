@@ -41,6 +41,16 @@ def _check(*tensors: torch.Tensor) -> None:
         if t.device.type not in devices():
             raise RuntimeError(f"triton backend: tensors on {t.device.type} need "
                                f"{'a CUDA device' if t.device.type != 'cpu' else 'TRITON_INTERPRET=1'}")
+        if t.device.type == "cpu" and not _triton_interprets():
+            raise RuntimeError("triton backend: TRITON_INTERPRET=1 was set after triton was imported; "
+                               "Triton reads it at import, so set it before anything imports triton")
+
+
+def _triton_interprets() -> bool:
+    """Whether Triton's own library functions were built for the interpreter."""
+    import triton.language as tl
+
+    return type(tl.max).__name__ == "InterpretedFunction"
 
 
 def cast(x: torch.Tensor, dtype: torch.dtype, rounding: str, seed: int) -> torch.Tensor:

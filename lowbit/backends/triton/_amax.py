@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._rounding import as_kernel_input, load_fp32
+
 TILE = 4096
 MAX_TR = 16
 MAX_TK = 256
@@ -22,11 +24,11 @@ MAX_TK = 256
 
 @triton.jit
 def _amax_tiles_kernel(x_ptr, amax_ptr, R, K, nbr, nbk, n_blocks, BR: tl.constexpr, BK: tl.constexpr,
-                       NR: tl.constexpr, NK: tl.constexpr, TOTAL: tl.constexpr):
+                       NR: tl.constexpr, NK: tl.constexpr, TOTAL: tl.constexpr, BF16: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * (NR * BR) + tl.arange(0, NR * BR)
     cols = tl.program_id(1).to(tl.int64) * (NK * BK) + tl.arange(0, NK * BK)
     mask = (rows < R)[:, None] & (cols < K)[None, :]
-    v = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    v = load_fp32(x_ptr, rows[:, None] * K + cols[None, :], mask, BF16)
     a = tl.reshape(v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, (NR, BR, NK, BK))
     m = tl.max(tl.max(a, axis=3), axis=1)
     bi = tl.program_id(0).to(tl.int64) * NR + tl.arange(0, NR)
@@ -39,7 +41,7 @@ def _amax_tiles_kernel(x_ptr, amax_ptr, R, K, nbr, nbk, n_blocks, BR: tl.constex
 
 @triton.jit
 def _amax_slab_kernel(x_ptr, amax_ptr, K, br, bk, nbk, n_blocks, TR: tl.constexpr, TK: tl.constexpr,
-                      TOTAL: tl.constexpr):
+                      TOTAL: tl.constexpr, BF16: tl.constexpr):
     pid_r = tl.program_id(0)
     bj = tl.program_id(1)
     rows = pid_r.to(tl.int64) * TR + tl.arange(0, TR)
@@ -48,7 +50,7 @@ def _amax_slab_kernel(x_ptr, amax_ptr, K, br, bk, nbk, n_blocks, TR: tl.constexp
         cols = k0 + tl.arange(0, TK)
         mask = cols < bk
         offs = rows[:, None] * K + (bj.to(tl.int64) * bk + cols)[None, :]
-        v = tl.load(x_ptr + offs, mask=mask[None, :], other=0.0).to(tl.float32)
+        v = load_fp32(x_ptr, offs, mask[None, :], BF16)
         acc = tl.maximum(acc, v.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
     m = tl.max(tl.max(acc, axis=1), axis=0)
     tl.atomic_max(amax_ptr + (pid_r * TR // br) * nbk + bj, m)
@@ -68,13 +70,14 @@ def block_amax_bits(x: torch.Tensor, br: int, bk: int, total: bool) -> torch.Ten
     amax = torch.zeros(n_blocks + (1 if total else 0), dtype=torch.int32, device=x.device)
     if not x.numel():
         return amax
+    x, bf16 = as_kernel_input(x)
     if _pow2(br) and _pow2(bk) and br * bk <= TILE:
         nk = max(1, min(TILE // (br * bk), triton.next_power_of_2(nbk), 128 // bk if bk < 128 else 1))
         nr = max(1, min(TILE // (br * bk * nk), triton.next_power_of_2(nbr)))
         _amax_tiles_kernel[(triton.cdiv(nbr, nr), triton.cdiv(nbk, nk))](
-            x, amax, R, K, nbr, nbk, n_blocks, br, bk, nr, nk, total)
+            x, amax, R, K, nbr, nbk, n_blocks, br, bk, nr, nk, total, bf16)
     else:
         tr = min(br & -br, MAX_TR)
         tk = min(triton.next_power_of_2(bk), MAX_TK)
-        _amax_slab_kernel[(R // tr, nbk)](x, amax, K, br, bk, nbk, n_blocks, tr, tk, total)
+        _amax_slab_kernel[(R // tr, nbk)](x, amax, K, br, bk, nbk, n_blocks, tr, tk, total, bf16)
     return amax

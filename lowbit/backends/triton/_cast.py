@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rounding import ELEMENT_CODES, random_bits, round_to_code
+from ._rounding import ELEMENT_CODES, as_kernel_input, load_fp32, random_bits, round_to_code
 
 BLOCK = 1024
 
@@ -13,10 +13,10 @@ BLOCK = 1024
 @triton.jit
 def _cast_kernel(x_ptr, out_ptr, n, seed, STOCHASTIC: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr,
                  MAX_CODE: tl.constexpr, INF_CODE: tl.constexpr, NAN_CODE: tl.constexpr,
-                 SIGN_SHIFT: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+                 SIGN_SHIFT: tl.constexpr, WIDE: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = load_fp32(x_ptr, offs, mask, BF16)
     rbits = tl.zeros([BLOCK], dtype=tl.uint32)
     if STOCHASTIC:
         rbits = random_bits(seed, offs)
@@ -29,11 +29,11 @@ def _cast_kernel(x_ptr, out_ptr, n, seed, STOCHASTIC: tl.constexpr, MBITS: tl.co
 
 
 def cast(x: torch.Tensor, elem_name: str, dtype: torch.dtype, rounding: str, seed: int) -> torch.Tensor:
-    x = x.contiguous()
+    xk, bf16 = as_kernel_input(x)
     wide = torch.empty((), dtype=dtype).element_size() == 2
     out = torch.empty(x.shape, dtype=torch.int16 if wide else torch.uint8, device=x.device)
     n = x.numel()
     if n:
-        _cast_kernel[(triton.cdiv(n, BLOCK),)](x, out, n, seed, rounding == "stochastic", *ELEMENT_CODES[elem_name],
-                                               wide, BLOCK, enable_fp_fusion=False)
+        _cast_kernel[(triton.cdiv(n, BLOCK),)](xk, out, n, seed, rounding == "stochastic", *ELEMENT_CODES[elem_name],
+                                               wide, bf16, BLOCK, enable_fp_fusion=False)
     return out.view(dtype)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rounding import hadamard_negative
+from ._rounding import as_kernel_input, hadamard_negative, load_fp32
 
 MAX_MID = 256
 TILE = 4096  # elements per program
@@ -22,13 +22,13 @@ TILE = 4096  # elements per program
 @triton.jit
 def _hadamard_pass(x_ptr, y_ptr, n_lines, seed, norm, MID: tl.constexpr, LOG_MID: tl.constexpr,
                    LOW: tl.constexpr, BLOCK: tl.constexpr, LINES: tl.constexpr, SIGNS_FIRST: tl.constexpr,
-                   SIGNS_LAST: tl.constexpr, NORM: tl.constexpr):
+                   SIGNS_LAST: tl.constexpr, NORM: tl.constexpr, BF16: tl.constexpr):
     line = tl.program_id(0).to(tl.int64) * LINES + tl.arange(0, LINES)
     pos = tl.arange(0, MID)
     base = (line // LOW) * (MID * LOW) + (line % LOW)
     offs = base[None, :] + (pos * LOW)[:, None]
     mask = (line < n_lines)[None, :] & (pos < MID)[:, None]
-    y = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = load_fp32(x_ptr, offs, mask, BF16)
     if SIGNS_FIRST:
         y = y * tl.where(hadamard_negative(seed, offs % BLOCK), -1.0, 1.0)
     for stage in tl.static_range(LOG_MID):
@@ -51,19 +51,20 @@ def norm(block: int) -> float:
 
 def hadamard(x: torch.Tensor, block: int, seed: int | None, inverse: bool) -> torch.Tensor:
     """[R, K] (any float dtype) -> fp32 [R, K], transformed along K in blocks of `block`."""
-    x = x.contiguous()
+    xk, bf16 = as_kernel_input(x)
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     if x.numel() == 0:
         return out
     signed = seed is not None and seed >= 0
     mids = [block] if block <= MAX_MID else [MAX_MID, block // MAX_MID]
-    src, low = x, 1
+    src, low = xk, 1
     for i, mid in enumerate(mids):
         first, last = i == 0, i == len(mids) - 1
         lines = x.numel() // mid
         per_prog = max(1, min(TILE // mid, triton.next_power_of_2(lines)))
         _hadamard_pass[(triton.cdiv(lines, per_prog),)](
             src, out, lines, seed if signed else 0, norm(block), mid, mid.bit_length() - 1, low, block, per_prog,
-            signed and first and not inverse, signed and last and inverse, last, enable_fp_fusion=False)
+            signed and first and not inverse, signed and last and inverse, last, bf16 and first,
+            enable_fp_fusion=False)
         src, low = out, low * mid
     return out

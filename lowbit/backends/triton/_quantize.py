@@ -13,7 +13,7 @@ import triton.language as tl
 
 from ._amax import block_amax_bits
 from ._hadamard import hadamard
-from ._rounding import (ELEMENT_CODES, decode_element, exp2_int, floor_log2, is_pow2, random_bits,
+from ._rounding import (ELEMENT_CODES, as_kernel_input, decode_element, load_fp32, exp2_int, floor_log2, is_pow2, random_bits,
                         round_to_code)
 
 KIND = {"fp8": 0, "mx": 1, "nvfp4": 2}
@@ -71,7 +71,7 @@ def _scale_kernel(amax_ptr, gamax_ptr, scale_ptr, factor_ptr, gs_ptr, n_blocks, 
             g = tl.load(gamax_ptr)
         else:
             g = _as_float(tl.load(amax_ptr + n_blocks))
-        s_enc = tl.math.div_rn(g * 0 + 2688.0, g)
+        s_enc = tl.math.div_rn(2688.0, g)
         s_enc = tl.where(g == 0, 1.0, s_enc)
         s_enc = tl.where((s_enc == float("inf")) | (s_enc == float("-inf")), 3.4028234663852886e38, s_enc)
         t = tl.math.div_rn(amax, 6.0) * s_enc
@@ -88,11 +88,11 @@ def _scale_kernel(amax_ptr, gamax_ptr, scale_ptr, factor_ptr, gs_ptr, n_blocks, 
 def _encode_kernel(v_ptr, factor_ptr, gs_ptr, out_ptr, R, K, br, bk, nbk, inner, seed, KIND: tl.constexpr,
                    STOCHASTIC: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, MAX_CODE: tl.constexpr,
                    INF_CODE: tl.constexpr, NAN_CODE: tl.constexpr, SIGN_SHIFT: tl.constexpr,
-                   PACKED: tl.constexpr, TR: tl.constexpr, TK: tl.constexpr):
+                   PACKED: tl.constexpr, BF16: tl.constexpr, TR: tl.constexpr, TK: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * TR + tl.arange(0, TR)
     cols = tl.program_id(1).to(tl.int64) * TK + tl.arange(0, TK)
     mask = (rows < R)[:, None] & (cols < K)[None, :]
-    v = tl.load(v_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    v = load_fp32(v_ptr, rows[:, None] * K + cols[None, :], mask, BF16)
     blk = (rows // br)[:, None] * nbk + (cols // bk)[None, :]
     f = tl.load(factor_ptr + blk, mask=mask, other=1.0)
     if KIND == 0:
@@ -137,10 +137,11 @@ def quantize(x, fmt, block, rounding, seed, scale_mode, global_amax, hadamard_bl
             has_global, SCALE_LANES, enable_fp_fusion=False)
     data = torch.empty((R, K // 2 if fmt.packed else K), dtype=torch.uint8, device=dev)
     if R and K:
+        vk, bf16 = as_kernel_input(v)
         tr = min(TR, triton.next_power_of_2(R))
         _encode_kernel[(triton.cdiv(R, tr), triton.cdiv(K, TK))](
-            v, factor, gs, data, R, K, br, bk, nbk, inner, seed, kind, rounding == "stochastic",
-            *ELEMENT_CODES[fmt.elem.name], fmt.packed, tr, TK, enable_fp_fusion=False)
+            vk, factor, gs, data, R, K, br, bk, nbk, inner, seed, kind, rounding == "stochastic",
+            *ELEMENT_CODES[fmt.elem.name], fmt.packed, bf16, tr, TK, enable_fp_fusion=False)
     if not fmt.packed:
         data = data.view(fmt.elem.torch_dtype)
     if kind == 2:

@@ -24,6 +24,22 @@ ELEMENT_LAYOUT = {"e4m3": (4, 3, 7), "e5m2": (5, 2, 15), "e2m1": (2, 1, 1)}
 
 
 @triton.jit
+def load_fp32(ptr, offs, mask, BF16: tl.constexpr):
+    """Load an input as fp32; bf16 arrives as its int16 bits and widens by a shift (exact everywhere)."""
+    if BF16:
+        return (tl.load(ptr + offs, mask=mask, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+def as_kernel_input(x):
+    """(tensor to pass, BF16 flag) for `load_fp32`."""
+    import torch
+
+    x = x.contiguous()
+    return (x.view(torch.int16), True) if x.dtype == torch.bfloat16 else (x, False)
+
+
+@triton.jit
 def random_bits(seed, index):
     """r(seed, i): word i % 4 of Philox4x32-10, counter (lo32(i // 4), hi32(i // 4), 0, 0)."""
     index = index.to(tl.int64)
