@@ -1,0 +1,157 @@
+"""Time and peak memory of the LM-head loss step (forward + backward): fused vs unfused vs F.cross_entropy.
+
+    python bench/bench_loss.py            # vocab 32k / 128k, 4k-16k tokens
+    python bench/bench_loss.py --quick    # small shapes, a minute or two
+
+Methods, all computing an NLL-family loss of ``hidden @ weight.T`` and the gradients of hidden and weight:
+  plain_ce  F.cross_entropy on materialised logits (the torch baseline)
+  unfused   lowbit.objectives.sft_loss on materialised logits (fp32 log-softmax)
+  fused     lowbit.objectives.fused_linear_sft_loss (chunked, logits never materialised)
+  liger     Liger-Kernel's LigerFusedLinearCrossEntropyLoss, where installed
+
+Time: torch.utils.benchmark, one warm-up run then ``--repeat`` single runs; p20/p50/p80 of those.
+Peak memory: bytes of tensor storage live at once during the warm-up run, tracked per allocation
+with lowbit.objectives.TensorMemoryTracker (inputs excluded). A configuration whose materialised
+logits would not fit in ``--mem-limit-gib`` is skipped for the unfused methods and recorded as such.
+Timings on a shared machine are noisy: compare ratios from one run, not absolute times across runs.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils import benchmark
+
+from lowbit.objectives import TensorMemoryTracker, fused_linear_sft_loss, sft_loss
+
+ROOT = Path(__file__).resolve().parent
+
+FIELDS = ["machine", "vocab", "tokens", "hidden", "objective", "method", "time_p20_s", "time_p50_s", "time_p80_s",
+          "peak_mib", "time_vs_unfused", "peak_vs_unfused", "time_vs_plain_ce", "note"]
+
+
+def machine_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0).replace(" ", "-").lower()
+    return f"cpu-{platform.machine()}-{os.cpu_count()}c"
+
+
+def liger_loss():
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except Exception:
+        return None
+    return LigerFusedLinearCrossEntropyLoss()
+
+
+def make_step(method: str, h, w, y, objective: str, liger=None):
+    def step():
+        h.grad = None
+        w.grad = None
+        if method == "plain_ce":
+            loss = F.cross_entropy(h @ w.t(), y)
+        elif method == "unfused":
+            loss = sft_loss(h @ w.t(), y, objective=objective)
+        elif method == "fused":
+            loss = fused_linear_sft_loss(h, w, y, objective=objective)
+        elif method == "liger":
+            loss = liger(w, h, y)
+        else:
+            raise ValueError(method)
+        loss.backward()
+    return step
+
+
+def measure(step, repeat: int) -> tuple[list[float], int]:
+    with TensorMemoryTracker() as tracker:  # the warm-up run doubles as the memory run
+        step()
+    timer = benchmark.Timer(stmt="step()", globals={"step": step})
+    times = [timer.timeit(1).median for _ in range(repeat)]
+    return times, tracker.peak
+
+
+def run(vocabs, token_counts, hidden, objectives, repeat, mem_limit_gib, out_csv: Path):
+    torch.manual_seed(0)
+    liger = liger_loss()
+    methods = ["plain_ce", "unfused", "fused"] + (["liger"] if liger is not None else [])
+    rows = []
+    machine = machine_name()
+    for vocab in vocabs:
+        for n in token_counts:
+            for objective in objectives:
+                h = torch.randn(n, hidden, requires_grad=True)
+                w = (torch.randn(vocab, hidden) / hidden ** 0.5).requires_grad_(True)
+                y = torch.randint(0, vocab, (n,))
+                # Unfused steps hold logits, log-softmax and its gradient: about 3 fp32 N x V tensors.
+                materialised_gib = 3 * n * vocab * 4 / 2 ** 30
+                results = {}
+                for method in methods:
+                    if objective != "nll" and method in ("plain_ce", "liger"):
+                        continue
+                    row = {"machine": machine, "vocab": vocab, "tokens": n, "hidden": hidden, "objective": objective,
+                           "method": method, "note": ""}
+                    if method in ("plain_ce", "unfused") and materialised_gib > mem_limit_gib:
+                        row["note"] = f"skipped: ~{materialised_gib:.0f} GiB of logits > --mem-limit-gib {mem_limit_gib}"
+                        rows.append(row)
+                        print(f"V={vocab} N={n} {objective:8s} {method:9s} {row['note']}", flush=True)
+                        continue
+                    t0 = time.perf_counter()
+                    times, peak = measure(make_step(method, h, w, y, objective, liger), repeat)
+                    p20, p50, p80 = np.percentile(times, [20, 50, 80])
+                    row.update(time_p20_s=f"{p20:.4f}", time_p50_s=f"{p50:.4f}", time_p80_s=f"{p80:.4f}",
+                               peak_mib=f"{peak / 2 ** 20:.1f}")
+                    results[method] = (p50, peak)
+                    rows.append(row)
+                    print(f"V={vocab} N={n} {objective:8s} {method:9s} p50 {p50:8.3f} s  peak {peak / 2 ** 20:9.1f} MiB"
+                          f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+                for row in rows:
+                    if (row["vocab"], row["tokens"], row["objective"]) != (vocab, n, objective) or "peak_mib" not in row:
+                        continue
+                    p50, peak = results[row["method"]]
+                    if "unfused" in results:
+                        row["time_vs_unfused"] = f"{p50 / results['unfused'][0]:.3f}"
+                        row["peak_vs_unfused"] = f"{peak / results['unfused'][1]:.4f}"
+                    if "plain_ce" in results:
+                        row["time_vs_plain_ce"] = f"{p50 / results['plain_ce'][0]:.3f}"
+                del h, w, y
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {out_csv}")
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small shapes (vocab 32k/128k, 1k-2k tokens, hidden 128)")
+    ap.add_argument("--vocab", type=int, nargs="*", help="vocabulary sizes (default 32000 128256)")
+    ap.add_argument("--tokens", type=int, nargs="*", help="token counts (default 4096 8192 16384)")
+    ap.add_argument("--hidden", type=int, help="hidden size (default 256; 128 with --quick)")
+    ap.add_argument("--objectives", nargs="*", default=["nll"], help="SFT objectives to time (default nll)")
+    ap.add_argument("--repeat", type=int, help="timed runs per point after the warm-up (default 3; 2 with --quick)")
+    ap.add_argument("--mem-limit-gib", type=float, default=12.0,
+                    help="skip unfused methods whose logits would exceed this (default 12)")
+    ap.add_argument("--out", type=Path, help="CSV path (default bench/results/<machine>/loss.csv)")
+    args = ap.parse_args(argv)
+    vocabs = args.vocab or [32000, 128256]
+    tokens = args.tokens or ([1024, 2048] if args.quick else [4096, 8192, 16384])
+    hidden = args.hidden or (128 if args.quick else 256)
+    repeat = args.repeat or (2 if args.quick else 3)
+    out = args.out or ROOT / "results" / machine_name() / ("loss_quick.csv" if args.quick else "loss.csv")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {machine_name()}; hidden {hidden}",
+          file=sys.stderr)
+    run(vocabs, tokens, hidden, args.objectives, repeat, args.mem_limit_gib, out)
+
+
+if __name__ == "__main__":
+    main()
