@@ -1,0 +1,59 @@
+// Shared pieces of the CPU kernels (internal to lowbit._C).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "lowbit/formats.h"
+
+namespace lowbit {
+namespace cpu {
+
+// fp16 bits -> fp32 bits without touching denormal arithmetic (so FTZ/DAZ cannot change it).
+inline uint32_t fp16_to_f32_bits(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7FFFu;
+  const uint32_t normal = (em << 13) + ((uint32_t)(127 - 15) << 23);
+  const uint32_t sub = f32_bits((float)em * 5.9604644775390625e-08f);  // em * 2^-24
+  const uint32_t special = 0x7F800000u | ((em & 0x3FFu) << 13);
+  const uint32_t mag = em >= 0x7C00u ? special : (em < 0x400u ? sub : normal);
+  return sign | mag;
+}
+
+template <class In>
+inline float load_f32(In v);
+template <>
+inline float load_f32<float>(float v) { return v; }
+template <>
+inline float load_f32<c10::BFloat16>(c10::BFloat16 v) { return bits_f32((uint32_t)v.x << 16); }
+template <>
+inline float load_f32<c10::Half>(c10::Half v) { return bits_f32(fp16_to_f32_bits(v.x)); }
+
+template <class In>
+inline void load_row(const In* src, float* dst, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) dst[k] = load_f32<In>(src[k]);
+}
+
+// Random Hadamard transform pieces (hadamard.cpp).
+std::vector<float> hadamard_signs(int64_t block, int64_t seed);  // seed < 0: all +1
+float hadamard_norm(int64_t block);
+// In-place transform of every 1 x block slice of a fp32 row of length K.
+void hadamard_row(float* y, int64_t K, int64_t block, const float* signs, float norm, bool inverse);
+void check_hadamard_block(int64_t block, int64_t K);
+
+at::Tensor hadamard(const at::Tensor& x, int64_t block, int64_t seed, bool inverse);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x, const std::string& kind,
+                                                        const std::string& elem, int64_t br, int64_t bk,
+                                                        bool stochastic, int64_t seed, const std::string& scale_mode,
+                                                        const c10::optional<at::Tensor>& global_amax,
+                                                        int64_t hadamard_block, int64_t inner);
+at::Tensor dequantize(const at::Tensor& data, const at::Tensor& scale, const at::Tensor& global_scale,
+                      const std::string& kind, const std::string& elem, int64_t br, int64_t bk, int64_t K);
+at::Tensor cast(const at::Tensor& x, const std::string& elem, bool stochastic, int64_t seed);
+
+}  // namespace cpu
+}  // namespace lowbit

@@ -1,0 +1,489 @@
+// Quantize / dequantize / cast on CPU, bit for bit the rules of lowbit/backends/ref.py.
+// Layout: a contiguous [R, K] input (fp32, bf16 or fp16, read in place), blocks (br, bk) tiling it.
+// Rows are spread over OpenMP threads; every element's result depends only on its value, its
+// block's scale and its own random word, so the thread count never changes a bit.
+#include <omp.h>
+
+#include <cstring>
+
+#include "common.h"
+
+namespace lowbit {
+namespace cpu {
+namespace {
+
+enum Kind : int { kFP8 = 0, kMX = 1, kNV = 2 };
+
+// |x| as an fp32 bit pattern, straight from the storage type.
+template <class In>
+inline uint32_t abs_bits(In v);
+template <>
+inline uint32_t abs_bits<float>(float v) { return f32_bits(v) & kF32AbsMask; }
+template <>
+inline uint32_t abs_bits<c10::BFloat16>(c10::BFloat16 v) { return (uint32_t)(v.x & 0x7FFFu) << 16; }
+template <>
+inline uint32_t abs_bits<c10::Half>(c10::Half v) { return fp16_to_f32_bits(v.x) & kF32AbsMask; }
+
+template <class In>
+inline uint32_t amax_bits(const In* x, int64_t n) {
+  uint32_t acc = 0;
+  for (int64_t k = 0; k < n; ++k) acc = umax32(acc, abs_bits<In>(x[k]));
+  return acc;
+}
+
+template <class In>
+float tensor_amax(const In* x, int64_t R, int64_t K) {
+  uint32_t acc = 0;
+#pragma omp parallel for schedule(static) reduction(max : acc)
+  for (int64_t r = 0; r < R; ++r) acc = umax32(acc, amax_bits<In>(x + r * K, K));
+  return amax_finalize(acc);
+}
+
+// Amax of every (br, bk) tile, as fp32 bit patterns, [nR * nK].
+template <class In>
+void tile_amax(const In* x, int64_t R, int64_t K, int64_t br, int64_t bk, uint32_t* amax) {
+  const int64_t nR = R / br, nK = K / bk;
+  const int threads = omp_get_max_threads();
+  if (nR >= threads || nK < threads) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < nR; ++i) {
+      uint32_t* a = amax + i * nK;
+      for (int64_t c = 0; c < nK; ++c) a[c] = 0;
+      for (int64_t rr = 0; rr < br; ++rr) {
+        const In* row = x + (i * br + rr) * K;
+        for (int64_t c = 0; c < nK; ++c) a[c] = umax32(a[c], amax_bits<In>(row + c * bk, bk));
+      }
+    }
+  } else {
+#pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < nK; ++c) {
+      for (int64_t i = 0; i < nR; ++i) {
+        uint32_t acc = 0;
+        for (int64_t rr = 0; rr < br; ++rr) acc = umax32(acc, amax_bits<In>(x + (i * br + rr) * K + c * bk, bk));
+        amax[i * nK + c] = acc;
+      }
+    }
+  }
+}
+
+// Philox words r(seed, i) for i in [base, base + n), contiguous. Returns a pointer into scratch.
+const uint32_t* contiguous_bits(uint64_t seed, uint64_t base, int64_t n, std::vector<uint32_t>& scratch) {
+  const uint64_t q0 = base >> 2;
+  const int64_t n4 = (int64_t)(((base + (uint64_t)n + 3) >> 2) - q0);
+  scratch.resize((size_t)(4 * n4));
+  uint32_t* out = scratch.data();
+  for (int64_t j = 0; j < n4; ++j) {
+    const Philox4 p = random_bits4(seed, q0 + (uint64_t)j);
+    out[4 * j + 0] = p.w[0];
+    out[4 * j + 1] = p.w[1];
+    out[4 * j + 2] = p.w[2];
+    out[4 * j + 3] = p.w[3];
+  }
+  return out + (base - 4 * q0);
+}
+
+// Random words of row r of the [R, K] view: i = (r / inner) * K * inner + k * inner + r % inner.
+const uint32_t* row_bits(uint64_t seed, int64_t r, int64_t K, int64_t inner, std::vector<uint32_t>& scratch) {
+  const uint64_t base = (uint64_t)(r / inner) * (uint64_t)K * (uint64_t)inner + (uint64_t)(r % inner);
+  if (inner == 1) return contiguous_bits(seed, base, K, scratch);
+  scratch.resize((size_t)K);
+  for (int64_t k = 0; k < K; ++k) scratch[(size_t)k] = random_bits(seed, base + (uint64_t)k * (uint64_t)inner);
+  return scratch.data();
+}
+
+// The value rounded onto the element grid: x / d (FP8), x * 2^-e (MX), x * s_enc / s_blk (NVFP4).
+template <int KIND>
+inline float scaled_value(float x, float p, float gs) {
+  if (KIND == kFP8) return x / p;
+  if (KIND == kMX) return x * p;
+  return x * gs / p;
+}
+
+template <class T, bool SR>
+inline uint32_t encode(float v, uint32_t r) {
+  return SR ? round_code_bits<T, true>(f32_bits(v), r) : round_code_rne<T>(f32_bits(v));
+}
+
+// Scale of a block from its amax: stores it at scales[idx], returns the per-element factor p.
+template <class T, int KIND>
+inline float block_param(float amax, int mode, float gs, void* scales, int64_t idx) {
+  if (KIND == kFP8) {
+    const float d = fp8_scale(amax, T::kMax, mode);
+    static_cast<float*>(scales)[idx] = d;
+    return d;
+  } else if (KIND == kMX) {
+    const uint8_t b = mx_scale_byte<T>(amax, mode);
+    static_cast<uint8_t*>(scales)[idx] = b;
+    return e8m0_inverse(b);
+  } else {
+    const uint32_t code = nvfp4_block_scale_code(amax, gs);
+    static_cast<uint8_t*>(scales)[idx] = (uint8_t)code;
+    return decode<lowbit::E4M3>(code);
+  }
+}
+
+struct QArgs {
+  int64_t R, K, br, bk;
+  int mode;
+  float gs;
+  uint64_t seed;
+  int64_t inner;
+  int64_t hblock;  // fused Hadamard block (br == 1 only), 0 = none
+  const float* signs;
+  float norm;
+};
+
+// One pass over the rows. With br == 1 each block's amax and scale are computed here (fused),
+// otherwise params holds the per-block factor computed from the tile amax beforehand.
+template <class T, int KIND, bool SR, class In>
+void quantize_rows(const In* x, const QArgs& a, const float* params, void* scales, uint8_t* out) {
+  constexpr bool kPacked = T::kBits == 4;
+  const int64_t K = a.K, bk = a.bk, nK = K / bk;
+  const bool fused = a.br == 1;
+#pragma omp parallel
+  {
+    std::vector<float> xbuf((std::is_same<In, float>::value && a.hblock == 0) ? 0 : (size_t)K);
+    std::vector<uint32_t> rscratch;
+    std::vector<uint8_t> cbuf(kPacked ? (size_t)K : 0);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < a.R; ++r) {
+      const float* xr;
+      if (xbuf.empty()) {
+        xr = reinterpret_cast<const float*>(x) + r * K;
+      } else {
+        load_row<In>(x + r * K, xbuf.data(), K);
+        if (a.hblock) hadamard_row(xbuf.data(), K, a.hblock, a.signs, a.norm, false);
+        xr = xbuf.data();
+      }
+      const uint32_t* rb = SR ? row_bits(a.seed, r, K, a.inner, rscratch) : nullptr;
+      uint8_t* codes = kPacked ? cbuf.data() : out + r * K;
+      for (int64_t c = 0; c < nK; ++c) {
+        const float* __restrict xb = xr + c * bk;
+        uint8_t* __restrict cb = codes + c * bk;
+        float p;
+        if (fused) {
+          uint32_t acc = 0;
+          for (int64_t k = 0; k < bk; ++k) acc = umax32(acc, f32_bits(xb[k]) & kF32AbsMask);
+          p = block_param<T, KIND>(amax_finalize(acc), a.mode, a.gs, scales, r * nK + c);
+        } else {
+          p = params[(r / a.br) * nK + c];
+        }
+        const float gs = a.gs;
+        if (SR) {
+          const uint32_t* __restrict rr = rb + c * bk;
+          for (int64_t k = 0; k < bk; ++k) cb[k] = (uint8_t)encode<T, true>(scaled_value<KIND>(xb[k], p, gs), rr[k]);
+        } else {
+          for (int64_t k = 0; k < bk; ++k) cb[k] = (uint8_t)encode<T, false>(scaled_value<KIND>(xb[k], p, gs), 0u);
+        }
+      }
+      if (kPacked) {
+        uint8_t* __restrict o = out + r * (K / 2);
+        const uint8_t* __restrict cs = codes;
+        for (int64_t j = 0; j < K / 2; ++j) o[j] = (uint8_t)(cs[2 * j] | (cs[2 * j + 1] << 4));
+      }
+    }
+  }
+}
+
+template <class T, int KIND, bool SR, class In>
+void quantize_typed(const In* x, const QArgs& a0, const c10::optional<float>& global_amax, void* scales,
+                    uint8_t* out, float* gs_out) {
+  QArgs a = a0;
+  const int64_t nR = a.R / a.br, nK = a.K / a.bk;
+  if (KIND == kNV) {
+    a.gs = nvfp4_global_scale(global_amax.has_value() ? *global_amax : tensor_amax<In>(x, a.R, a.K));
+  }
+  *gs_out = a.gs;
+  std::vector<float> params;
+  if (a.br != 1) {
+    std::vector<uint32_t> amax((size_t)(nR * nK));
+    if (nR == 1 && nK == 1) {
+      amax[0] = f32_bits(tensor_amax<In>(x, a.R, a.K));
+    } else {
+      tile_amax<In>(x, a.R, a.K, a.br, a.bk, amax.data());
+    }
+    params.resize(amax.size());
+    for (size_t i = 0; i < amax.size(); ++i)
+      params[i] = block_param<T, KIND>(amax_finalize(amax[i]), a.mode, a.gs, scales, (int64_t)i);
+  }
+  quantize_rows<T, KIND, SR, In>(x, a, params.data(), scales, out);
+}
+
+template <class T, int KIND, class In>
+void quantize_rounding(bool sr, const In* x, const QArgs& a, const c10::optional<float>& ga, void* scales,
+                       uint8_t* out, float* gs) {
+  if (sr) {
+    quantize_typed<T, KIND, true, In>(x, a, ga, scales, out, gs);
+  } else {
+    quantize_typed<T, KIND, false, In>(x, a, ga, scales, out, gs);
+  }
+}
+
+template <class In>
+void quantize_dispatch(int kind, ElemId elem, bool sr, const In* x, const QArgs& a, const c10::optional<float>& ga,
+                       void* scales, uint8_t* out, float* gs) {
+  if (kind == kFP8) {
+    if (elem == kE4M3) quantize_rounding<lowbit::E4M3, kFP8, In>(sr, x, a, ga, scales, out, gs);
+    else quantize_rounding<lowbit::E5M2, kFP8, In>(sr, x, a, ga, scales, out, gs);
+  } else if (kind == kMX) {
+    if (elem == kE4M3) quantize_rounding<lowbit::E4M3, kMX, In>(sr, x, a, ga, scales, out, gs);
+    else if (elem == kE5M2) quantize_rounding<lowbit::E5M2, kMX, In>(sr, x, a, ga, scales, out, gs);
+    else quantize_rounding<lowbit::E2M1, kMX, In>(sr, x, a, ga, scales, out, gs);
+  } else {
+    quantize_rounding<lowbit::E2M1, kNV, In>(sr, x, a, ga, scales, out, gs);
+  }
+}
+
+int parse_kind(const std::string& kind) {
+  if (kind == "fp8") return kFP8;
+  if (kind == "mx") return kMX;
+  if (kind == "nvfp4") return kNV;
+  TORCH_CHECK(false, "kind: expected 'fp8', 'mx' or 'nvfp4', got '", kind, "'");
+  return -1;
+}
+
+ElemId parse_elem(const std::string& elem) {
+  if (elem == "e4m3") return kE4M3;
+  if (elem == "e5m2") return kE5M2;
+  if (elem == "e2m1") return kE2M1;
+  if (elem == "bf16") return kBF16;
+  if (elem == "fp16") return kFP16;
+  TORCH_CHECK(false, "elem: expected one of 'e4m3', 'e5m2', 'e2m1', 'bf16', 'fp16', got '", elem, "'");
+  return kE4M3;
+}
+
+void check_format(int kind, ElemId elem) {
+  if (kind == kFP8) TORCH_CHECK(elem == kE4M3 || elem == kE5M2, "fp8 formats use e4m3 or e5m2 elements");
+  if (kind == kMX) TORCH_CHECK(elem == kE4M3 || elem == kE5M2 || elem == kE2M1, "mx formats use e4m3, e5m2 or e2m1 elements");
+  if (kind == kNV) TORCH_CHECK(elem == kE2M1, "nvfp4 uses e2m1 elements");
+}
+
+int parse_mode(int kind, const std::string& mode) {
+  if (mode == "exact" && kind == kFP8) return kScaleExact;
+  if (mode == "floor" && kind != kNV) return kScaleFloor;
+  if (mode == "rceil" && kind != kNV) return kScaleRceil;
+  if (mode == "exact" && kind == kNV) return kScaleExact;
+  TORCH_CHECK(false, "scale_mode: '", mode, "' is not valid for this format");
+  return 0;
+}
+
+void check_input_float(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.device().is_cpu(), what, ": expected a CPU tensor, got one on ", x.device());
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
+              what, ": expected float32, bfloat16 or float16 input, got ", st);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x_in, const std::string& kind_s,
+                                                        const std::string& elem_s, int64_t br, int64_t bk,
+                                                        bool stochastic, int64_t seed, const std::string& scale_mode,
+                                                        const c10::optional<at::Tensor>& global_amax,
+                                                        int64_t hadamard_block, int64_t inner) {
+  check_input_float(x_in, "quantize");
+  TORCH_CHECK(x_in.dim() == 2, "quantize: expected a 2-D [R, K] tensor, got ", x_in.dim(), " dims");
+  const int kind = parse_kind(kind_s);
+  const ElemId elem = parse_elem(elem_s);
+  check_format(kind, elem);
+  const int mode = parse_mode(kind, scale_mode);
+  const int64_t R = x_in.size(0), K = x_in.size(1);
+  TORCH_CHECK(br > 0 && bk > 0, "block: expected positive sizes, got (", br, ", ", bk, ")");
+  TORCH_CHECK(R % br == 0 && K % bk == 0, "block: (", br, ", ", bk, ") does not tile [", R, ", ", K, "]");
+  TORCH_CHECK(seed >= 0, "seed: expected a non-negative seed, got ", seed);
+  TORCH_CHECK(inner >= 1 && R % inner == 0, "inner: expected a positive divisor of R = ", R, ", got ", inner);
+  const bool packed = elem == kE2M1;
+  TORCH_CHECK(!packed || bk % 2 == 0, "block: FP4 packs two elements per byte, so the block width must be even, got ", bk);
+  if (hadamard_block) check_hadamard_block(hadamard_block, K);
+  c10::optional<float> ga;
+  if (global_amax.has_value() && global_amax->defined()) {
+    TORCH_CHECK(kind == kNV, "global_amax: only NVFP4 has a per-tensor amax");
+    TORCH_CHECK(global_amax->numel() == 1, "global_amax: expected one value, got ", global_amax->numel());
+    ga = global_amax->to(at::kCPU).to(at::kFloat).reshape({}).item<float>();
+  }
+  const auto scale_dtype = kind == kFP8 ? at::kFloat : (kind == kMX ? at::kByte : at::kFloat8_e4m3fn);
+  const auto data_dtype = packed ? at::kByte : (elem == kE4M3 ? at::kFloat8_e4m3fn : at::kFloat8_e5m2);
+  const auto opts = x_in.options();
+  at::Tensor data = at::empty({R, packed ? K / 2 : K}, opts.dtype(data_dtype));
+  at::Tensor scale = at::empty({R / br, K / bk}, opts.dtype(scale_dtype));
+  at::Tensor gs = at::ones({}, opts.dtype(at::kFloat));
+  if (x_in.numel() == 0) return {data, scale, gs};
+
+  at::Tensor x = x_in.contiguous();
+  QArgs a{R, K, br, bk, mode, 1.0f, (uint64_t)seed, inner, 0, nullptr, 1.0f};
+  std::vector<float> signs;
+  if (hadamard_block) {
+    signs = hadamard_signs(hadamard_block, seed);
+    a.norm = hadamard_norm(hadamard_block);
+    const bool needs_tensor_amax = (kind == kNV && !ga.has_value());
+    if (br == 1 && !needs_tensor_amax) {
+      a.hblock = hadamard_block;  // fused: each row is transformed in the row pass
+      a.signs = signs.data();
+    } else {
+      x = hadamard(x, hadamard_block, seed, false);  // the amax needs the transformed tensor first
+    }
+  }
+  void* sp = scale.data_ptr();
+  uint8_t* dp = static_cast<uint8_t*>(data.data_ptr());
+  float* gp = gs.data_ptr<float>();
+  const auto st = x.scalar_type();
+  if (st == at::kFloat) {
+    quantize_dispatch<float>(kind, elem, stochastic, x.data_ptr<float>(), a, ga, sp, dp, gp);
+  } else if (st == at::kBFloat16) {
+    quantize_dispatch<c10::BFloat16>(kind, elem, stochastic, x.data_ptr<c10::BFloat16>(), a, ga, sp, dp, gp);
+  } else {
+    quantize_dispatch<c10::Half>(kind, elem, stochastic, x.data_ptr<c10::Half>(), a, ga, sp, dp, gp);
+  }
+  return {data, scale, gs};
+}
+
+// ------------------------------------------------------------------------------------ dequantize
+namespace {
+
+template <class T>
+std::vector<float> decode_table() {
+  std::vector<float> lut(1u << T::kBits);
+  for (uint32_t c = 0; c < lut.size(); ++c) lut[c] = decode<T>(c);
+  return lut;
+}
+
+template <class T, int KIND>
+void dequantize_rows(const uint8_t* data, const void* scale, float gs, int64_t R, int64_t K, int64_t br, int64_t bk,
+                     float* out) {
+  constexpr bool kPacked = T::kBits == 4;
+  const std::vector<float> lut_v = decode_table<T>();
+  const float* lut = lut_v.data();
+  const int64_t nK = K / bk;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < R; ++r) {
+    const uint8_t* d = data + r * (kPacked ? K / 2 : K);
+    float* o = out + r * K;
+    for (int64_t c = 0; c < nK; ++c) {
+      const int64_t idx = (r / br) * nK + c;
+      float s;
+      if (KIND == kFP8) s = static_cast<const float*>(scale)[idx];
+      else if (KIND == kMX) s = e8m0_decode(static_cast<const uint8_t*>(scale)[idx]);
+      else s = decode<lowbit::E4M3>(static_cast<const uint8_t*>(scale)[idx]);
+      float* __restrict ob = o + c * bk;
+      if (kPacked) {
+        const uint8_t* __restrict db = d + c * bk / 2;
+        for (int64_t j = 0; j < bk / 2; ++j) {
+          const uint8_t b = db[j];
+          const float lo = lut[b & 0xF], hi = lut[b >> 4];
+          ob[2 * j] = KIND == kNV ? lo * s / gs : lo * s;
+          ob[2 * j + 1] = KIND == kNV ? hi * s / gs : hi * s;
+        }
+      } else {
+        const uint8_t* __restrict db = d + c * bk;
+        for (int64_t k = 0; k < bk; ++k) ob[k] = KIND == kNV ? lut[db[k]] * s / gs : lut[db[k]] * s;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor dequantize(const at::Tensor& data_in, const at::Tensor& scale_in, const at::Tensor& global_scale,
+                      const std::string& kind_s, const std::string& elem_s, int64_t br, int64_t bk, int64_t K) {
+  const int kind = parse_kind(kind_s);
+  const ElemId elem = parse_elem(elem_s);
+  check_format(kind, elem);
+  TORCH_CHECK(data_in.device().is_cpu() && scale_in.device().is_cpu(), "dequantize: expected CPU tensors");
+  TORCH_CHECK(data_in.dim() == 2, "dequantize: expected 2-D data, got ", data_in.dim(), " dims");
+  TORCH_CHECK(data_in.element_size() == 1, "dequantize: expected 1-byte codes, got ", data_in.scalar_type());
+  const bool packed = elem == kE2M1;
+  const int64_t R = data_in.size(0);
+  TORCH_CHECK(K >= 0 && data_in.size(1) == (packed ? K / 2 : K) && (!packed || K % 2 == 0),
+              "dequantize: data has ", data_in.size(1), " columns, which does not match K = ", K);
+  TORCH_CHECK(br > 0 && bk > 0 && R % br == 0 && K % bk == 0 && (!packed || bk % 2 == 0),
+              "dequantize: block (", br, ", ", bk, ") does not tile [", R, ", ", K, "]");
+  TORCH_CHECK(scale_in.numel() == (R / br) * (K / bk), "dequantize: expected ", (R / br) * (K / bk),
+              " scales, got ", scale_in.numel());
+  const auto want_scale = kind == kFP8 ? at::kFloat : (kind == kMX ? at::kByte : at::kFloat8_e4m3fn);
+  TORCH_CHECK(scale_in.scalar_type() == want_scale, "dequantize: expected ", want_scale, " scales, got ",
+              scale_in.scalar_type());
+  at::Tensor out = at::empty({R, K}, data_in.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
+  float gs = 1.0f;
+  if (kind == kNV) {
+    TORCH_CHECK(global_scale.numel() == 1, "dequantize: expected a single global scale");
+    gs = global_scale.to(at::kCPU).to(at::kFloat).reshape({}).item<float>();
+  }
+  const at::Tensor data = data_in.contiguous();
+  const at::Tensor scale = scale_in.contiguous();
+  const uint8_t* d = static_cast<const uint8_t*>(data.data_ptr());
+  const void* s = scale.data_ptr();
+  float* o = out.data_ptr<float>();
+  if (kind == kFP8) {
+    if (elem == kE4M3) dequantize_rows<lowbit::E4M3, kFP8>(d, s, gs, R, K, br, bk, o);
+    else dequantize_rows<lowbit::E5M2, kFP8>(d, s, gs, R, K, br, bk, o);
+  } else if (kind == kMX) {
+    if (elem == kE4M3) dequantize_rows<lowbit::E4M3, kMX>(d, s, gs, R, K, br, bk, o);
+    else if (elem == kE5M2) dequantize_rows<lowbit::E5M2, kMX>(d, s, gs, R, K, br, bk, o);
+    else dequantize_rows<lowbit::E2M1, kMX>(d, s, gs, R, K, br, bk, o);
+  } else {
+    dequantize_rows<lowbit::E2M1, kNV>(d, s, gs, R, K, br, bk, o);
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------------------------ cast
+namespace {
+
+template <class T, bool SR, class Out>
+void cast_typed(const float* x, int64_t n, uint64_t seed, Out* out) {
+  constexpr int64_t kChunk = 16384;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel
+  {
+    std::vector<uint32_t> scratch;
+#pragma omp for schedule(static)
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      const int64_t i0 = ch * kChunk;
+      const int64_t m = n - i0 < kChunk ? n - i0 : kChunk;
+      const float* __restrict xc = x + i0;
+      Out* __restrict oc = out + i0;
+      if (SR) {
+        const uint32_t* __restrict rb = contiguous_bits(seed, (uint64_t)i0, m, scratch);
+        for (int64_t k = 0; k < m; ++k) oc[k] = (Out)encode<T, true>(xc[k], rb[k]);
+      } else {
+        for (int64_t k = 0; k < m; ++k) oc[k] = (Out)encode<T, false>(xc[k], 0u);
+      }
+    }
+  }
+}
+
+template <class T, class Out>
+void cast_rounding(bool sr, const float* x, int64_t n, uint64_t seed, Out* out) {
+  if (sr) cast_typed<T, true, Out>(x, n, seed, out);
+  else cast_typed<T, false, Out>(x, n, seed, out);
+}
+
+}  // namespace
+
+at::Tensor cast(const at::Tensor& x_in, const std::string& elem_s, bool stochastic, int64_t seed) {
+  TORCH_CHECK(x_in.device().is_cpu(), "cast: expected a CPU tensor, got one on ", x_in.device());
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "cast: expected float32 input, got ", x_in.scalar_type());
+  TORCH_CHECK(seed >= 0, "seed: expected a non-negative seed, got ", seed);
+  const ElemId elem = parse_elem(elem_s);
+  TORCH_CHECK(elem != kE2M1, "cast: e2m1 has no torch dtype; quantize to mxfp4 or nvfp4 instead");
+  const auto dtype = elem == kE4M3 ? at::kFloat8_e4m3fn
+                     : elem == kE5M2 ? at::kFloat8_e5m2
+                     : elem == kBF16 ? at::kBFloat16 : at::kHalf;
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(dtype));
+  const int64_t n = x.numel();
+  if (n == 0) return out;
+  const float* xp = x.data_ptr<float>();
+  void* op = out.data_ptr();
+  switch (elem) {
+    case kE4M3: cast_rounding<lowbit::E4M3>(stochastic, xp, n, (uint64_t)seed, static_cast<uint8_t*>(op)); break;
+    case kE5M2: cast_rounding<lowbit::E5M2>(stochastic, xp, n, (uint64_t)seed, static_cast<uint8_t*>(op)); break;
+    case kBF16: cast_rounding<lowbit::BF16>(stochastic, xp, n, (uint64_t)seed, static_cast<uint16_t*>(op)); break;
+    default: cast_rounding<lowbit::FP16>(stochastic, xp, n, (uint64_t)seed, static_cast<uint16_t*>(op)); break;
+  }
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace lowbit
