@@ -325,6 +325,32 @@ def test_odd_sized_fp8_blocks_match_ref():
                         seed=5)
 
 
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "mxfp8", "mxfp8_e5m2", "mxfp4", "nvfp4"])
+def test_dequantize_every_code_and_scale_byte(fmt):
+    """Row r holds every storage byte (rotated by r) and, for MX / NVFP4, scale byte r (NaN ones too)."""
+    f = lowbit.formats.get_format(fmt)
+    bk = 16 if f.kind == "nvfp4" else 32
+    width = bk // 2 if f.packed else bk
+    r = torch.arange(256).unsqueeze(1)
+    data = ((r * 7 + torch.arange(width).unsqueeze(0) * 37) % 256).to(torch.uint8)
+    if f.kind == "fp8":
+        data = torch.cat([data, torch.arange(256, dtype=torch.uint8).reshape(8, 32)])
+        scale = torch.tensor([1.0, 2.0**-126, 3.5, 448.0, 1e30, math.nan, 0.1, 2.0**-20]).repeat(33)[:264]
+        scale = scale.reshape(264, 1)
+    elif f.kind == "mx":
+        scale = torch.arange(256, dtype=torch.uint8).reshape(256, 1)
+    else:
+        scale = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(256, 1)
+    if not f.packed:
+        data = data.view(f.elem.torch_dtype)
+    block = (1, bk)
+    for gs in (1.0, 2688.0 / 3.0, 3.4028234663852886e38):
+        g = torch.tensor(gs)
+        for dtype in (torch.float32, torch.bfloat16):
+            ours = tb.dequantize(data.to(DEV), scale.to(DEV), g.to(DEV), f, block, bk, dtype)
+            assert_same_values(ours, ref.dequantize(data, scale, g, f, block, bk, dtype), f"gs {gs} {dtype}")
+
+
 # ----------------------------------------------------------------------------- Hadamard
 @pytest.mark.parametrize("block,shape,axis", [(16, (3, 5, 48), -1), (16, (32, 3, 2), 0), (32, (4, 64), -1),
                                               (32, (2, 64, 3), 1), (512, (2, 1024), -1), (32768, (1, 32768), -1)])

@@ -6,8 +6,8 @@ ends at or above 0x7F800000 and reads as NaN.
 
 Two kernels: blocks whose sides are powers of two and hold at most TILE elements (MX, NVFP4,
 1 x 128, 16 x 16) are reduced NR x NK blocks per program from one [NR*br, NK*bk] tile; other
-blocks (tensor, row, large tiles) are reduced in slabs of TR rows that loop over the block's
-columns and fold into the block with an atomic max.
+blocks (tensor, row, large or odd tiles) are reduced in slabs of TR rows that loop over one block
+column and fold each row's maximum into its block with an atomic max.
 """
 from __future__ import annotations
 
@@ -40,22 +40,21 @@ def _amax_tiles_kernel(x_ptr, amax_ptr, R, K, nbr, nbk, n_blocks, BR: tl.constex
 
 
 @triton.jit
-def _amax_slab_kernel(x_ptr, amax_ptr, K, br, bk, nbk, n_blocks, TR: tl.constexpr, TK: tl.constexpr,
+def _amax_slab_kernel(x_ptr, amax_ptr, R, K, br, bk, nbk, n_blocks, TR: tl.constexpr, TK: tl.constexpr,
                       TOTAL: tl.constexpr, BF16: tl.constexpr):
-    pid_r = tl.program_id(0)
-    bj = tl.program_id(1)
-    rows = pid_r.to(tl.int64) * TR + tl.arange(0, TR)
+    rows = tl.program_id(0).to(tl.int64) * TR + tl.arange(0, TR)
+    bj = tl.program_id(1).to(tl.int64)
+    rmask = rows < R
     acc = tl.zeros([TR, TK], dtype=tl.int32)
     for k0 in range(0, bk, TK):
         cols = k0 + tl.arange(0, TK)
-        mask = cols < bk
-        offs = rows[:, None] * K + (bj.to(tl.int64) * bk + cols)[None, :]
-        v = load_fp32(x_ptr, offs, mask[None, :], BF16)
+        offs = rows[:, None] * K + (bj * bk + cols)[None, :]
+        v = load_fp32(x_ptr, offs, rmask[:, None] & (cols < bk)[None, :], BF16)
         acc = tl.maximum(acc, v.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
-    m = tl.max(tl.max(acc, axis=1), axis=0)
-    tl.atomic_max(amax_ptr + (pid_r * TR // br) * nbk + bj, m)
+    m = tl.max(acc, axis=1)
+    tl.atomic_max(amax_ptr + (rows // br) * nbk + bj, m, mask=rmask)
     if TOTAL:
-        tl.atomic_max(amax_ptr + n_blocks, m)
+        tl.atomic_max(amax_ptr + n_blocks, tl.max(m, axis=0))
 
 
 def _pow2(n: int) -> bool:
@@ -77,7 +76,7 @@ def block_amax_bits(x: torch.Tensor, br: int, bk: int, total: bool) -> torch.Ten
         _amax_tiles_kernel[(triton.cdiv(nbr, nr), triton.cdiv(nbk, nk))](
             x, amax, R, K, nbr, nbk, n_blocks, br, bk, nr, nk, total, bf16)
     else:
-        tr = min(br & -br, MAX_TR)
+        tr = min(triton.next_power_of_2(R), MAX_TR)
         tk = min(triton.next_power_of_2(bk), MAX_TK)
-        _amax_slab_kernel[(R // tr, nbk)](x, amax, K, br, bk, nbk, n_blocks, tr, tk, total, bf16)
+        _amax_slab_kernel[(triton.cdiv(R, tr), nbk)](x, amax, R, K, br, bk, nbk, n_blocks, tr, tk, total, bf16)
     return amax

@@ -5,10 +5,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rounding import ELEMENT_LAYOUT, decode_element, exp2_int
+from ._rounding import ELEMENT_LAYOUT, decode_element, exp2_int, fdiv_rn
 
 KIND = {"fp8": 0, "mx": 1, "nvfp4": 2}
-TR, TK = 16, 128
+TILE, MAX_TK = 2048, 128
 
 
 @triton.jit
@@ -32,7 +32,7 @@ def _dequantize_kernel(data_ptr, scale_ptr, gs_ptr, out_ptr, R, K, br, bk, nbk, 
         out = q * tl.where(e == 128, float("nan"), exp2_int(tl.minimum(e, 127)))
     else:
         s = decode_element(tl.load(scale_ptr + blk, mask=mask, other=0x38).to(tl.int32), 4, 3, 7)
-        out = tl.math.div_rn(q * s, tl.load(gs_ptr))
+        out = fdiv_rn(q * s, tl.load(gs_ptr + blk * 0, mask=mask, other=1.0))
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], out, mask=mask)
 
 
@@ -47,8 +47,9 @@ def dequantize(data, scale, global_scale, fmt, block, K, dtype):
         if sc.dtype == torch.float8_e4m3fn:
             sc = sc.view(torch.uint8)
         gs = global_scale.to(device=dev, dtype=torch.float32).reshape(1)
-        tr = min(TR, triton.next_power_of_2(R))
-        _dequantize_kernel[(triton.cdiv(R, tr), triton.cdiv(K, TK))](
+        tk = min(MAX_TK, max(2, triton.next_power_of_2(K)))
+        tr = min(TILE // tk, triton.next_power_of_2(R))
+        _dequantize_kernel[(triton.cdiv(R, tr), triton.cdiv(K, tk))](
             raw, sc, gs, out, R, K, br, bk, K // bk, KIND[fmt.kind], *ELEMENT_LAYOUT[fmt.elem.name], fmt.packed,
-            tr, TK, enable_fp_fusion=False)
+            tr, tk, enable_fp_fusion=False)
     return out if dtype == torch.float32 else out.to(dtype)

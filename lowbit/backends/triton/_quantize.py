@@ -3,7 +3,8 @@
 Three launches: `_amax.block_amax_bits` (exact integer max per block, plus the tensor amax for
 NVFP4), `_scale_kernel` (one lane per block: the stored scale and the fp32 factor the elements
 use), `_encode_kernel` (one lane per element: scale, round, encode, pack FP4 pairs). Every fp32
-operation is the one ref.py performs, in its order; divisions are correctly rounded (div_rn).
+operation is the one ref.py performs, in its order; divisions are correctly rounded with
+subnormals kept (`fdiv_rn`), whatever the device's flush-to-zero setting.
 """
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ import triton.language as tl
 
 from ._amax import block_amax_bits
 from ._hadamard import hadamard
-from ._rounding import (ELEMENT_CODES, as_kernel_input, decode_element, load_fp32, exp2_int, floor_log2, is_pow2, random_bits,
-                        round_to_code)
+from ._rounding import (ELEMENT_CODES, as_kernel_input, decode_element, exp2_int, fdiv_rn, floor_log2, is_pow2,
+                        load_fp32, random_bits, round_to_code)
 
 KIND = {"fp8": 0, "mx": 1, "nvfp4": 2}
 SCALE_MODE = {"exact": 0, "floor": 1, "rceil": 2}
 SCALE_LANES = 256
-TR, TK = 16, 128
+TILE, MAX_TK = 2048, 128
 FLT_MAX = 3.4028234663852886e38
 NVFP4_ENC = 2688.0  # 448 * 6
 
@@ -38,8 +39,9 @@ def _scale_kernel(amax_ptr, gamax_ptr, scale_ptr, factor_ptr, gs_ptr, n_blocks, 
     mask = blk < n_blocks
     abits = tl.load(amax_ptr + blk, mask=mask, other=0)
     amax = _as_float(abits)
+    elem_max = tl.full([LANES], ELEM_MAX, tl.float32)
     if KIND == 0:
-        d = tl.math.div_rn(amax, ELEM_MAX)
+        d = fdiv_rn(amax, elem_max)
         d = tl.where(amax == 0, 1.0, d)
         d = tl.where(d < 1.1754943508222875e-38, 1.1754943508222875e-38, d)  # 2^-126; NaN passes
         if MODE != 0:
@@ -55,7 +57,7 @@ def _scale_kernel(amax_ptr, gamax_ptr, scale_ptr, factor_ptr, gs_ptr, n_blocks, 
         zero = abits == 0
         safe = tl.where(bad | zero, 0x3F800000, abits)
         if MODE == 2:
-            ratio = tl.math.div_rn(safe.to(tl.float32, bitcast=True), ELEM_MAX)
+            ratio = fdiv_rn(safe.to(tl.float32, bitcast=True), elem_max)
             rb = ratio.to(tl.int32, bitcast=True)
             e = tl.where(rb == 0, -127, floor_log2(tl.maximum(rb, 1)) + tl.where(is_pow2(tl.maximum(rb, 1)), 0, 1))
         else:
@@ -68,20 +70,19 @@ def _scale_kernel(amax_ptr, gamax_ptr, scale_ptr, factor_ptr, gs_ptr, n_blocks, 
         tl.store(factor_ptr + blk, inv, mask=mask)
     else:
         if HAS_GLOBAL:
-            g = tl.load(gamax_ptr)
+            g = tl.load(gamax_ptr + blk * 0)
         else:
-            g = _as_float(tl.load(amax_ptr + n_blocks))
-        s_enc = tl.math.div_rn(2688.0, g)
+            g = _as_float(tl.load(amax_ptr + n_blocks + blk * 0))
+        s_enc = fdiv_rn(tl.full([LANES], 2688.0, tl.float32), g)
         s_enc = tl.where(g == 0, 1.0, s_enc)
         s_enc = tl.where((s_enc == float("inf")) | (s_enc == float("-inf")), 3.4028234663852886e38, s_enc)
-        t = tl.math.div_rn(amax, 6.0) * s_enc
+        t = fdiv_rn(amax, tl.full([LANES], 6.0, tl.float32)) * s_enc
         t = tl.where(t < 0.015625, 0.015625, t)
         t = tl.where(t > 448.0, 448.0, t)
         code = round_to_code(t, tl.zeros([LANES], dtype=tl.uint32), False, 3, 7, 0x7E, 0x7E, 0x7F, 7)
         tl.store(scale_ptr + blk, code.to(tl.uint8), mask=mask)
         tl.store(factor_ptr + blk, decode_element(code, 4, 3, 7), mask=mask)
-        if tl.program_id(0) == 0:
-            tl.store(gs_ptr, s_enc)
+        tl.store(gs_ptr + blk * 0, s_enc, mask=blk == 0)
 
 
 @triton.jit
@@ -96,14 +97,14 @@ def _encode_kernel(v_ptr, factor_ptr, gs_ptr, out_ptr, R, K, br, bk, nbk, inner,
     blk = (rows // br)[:, None] * nbk + (cols // bk)[None, :]
     f = tl.load(factor_ptr + blk, mask=mask, other=1.0)
     if KIND == 0:
-        scaled = tl.math.div_rn(v, f)
+        scaled = fdiv_rn(v, f)
     elif KIND == 1:
         scaled = v * f
     else:
-        scaled = tl.math.div_rn(v * tl.load(gs_ptr), f)
+        scaled = fdiv_rn(v * tl.load(gs_ptr), f)
     rbits = tl.zeros([TR, TK], dtype=tl.uint32)
     if STOCHASTIC:
-        index = (rows // inner)[:, None] * (K * inner) + cols[None, :] * inner + (rows % inner)[:, None]
+        index = (rows // inner)[:, None] * K * inner + cols[None, :] * inner + (rows % inner)[:, None]
         rbits = random_bits(seed, index)
     code = round_to_code(scaled, rbits, STOCHASTIC, MBITS, BIAS, MAX_CODE, INF_CODE, NAN_CODE, SIGN_SHIFT)
     if PACKED:
@@ -138,10 +139,11 @@ def quantize(x, fmt, block, rounding, seed, scale_mode, global_amax, hadamard_bl
     data = torch.empty((R, K // 2 if fmt.packed else K), dtype=torch.uint8, device=dev)
     if R and K:
         vk, bf16 = as_kernel_input(v)
-        tr = min(TR, triton.next_power_of_2(R))
-        _encode_kernel[(triton.cdiv(R, tr), triton.cdiv(K, TK))](
+        tk = min(MAX_TK, max(2, triton.next_power_of_2(K)))
+        tr = min(TILE // tk, triton.next_power_of_2(R))
+        _encode_kernel[(triton.cdiv(R, tr), triton.cdiv(K, tk))](
             vk, factor, gs, data, R, K, br, bk, nbk, inner, seed, kind, rounding == "stochastic",
-            *ELEMENT_CODES[fmt.elem.name], fmt.packed, bf16, tr, TK, enable_fp_fusion=False)
+            *ELEMENT_CODES[fmt.elem.name], fmt.packed, bf16, tr, tk, enable_fp_fusion=False)
     if not fmt.packed:
         data = data.view(fmt.elem.torch_dtype)
     if kind == 2:

@@ -65,6 +65,54 @@ def hadamard_negative(seed, index):
 
 
 @triton.jit
+def _significand(a):
+    """(m, e) with m in [2^23, 2^24) and |f| = m * 2^(e - 23), from the bits `a` of a finite non-zero fp32."""
+    ef = a >> 23
+    man = a & 0x7FFFFF
+    shift = 23 - msb(tl.maximum(man, 1))
+    m = tl.where(ef > 0, man | 0x800000, man << shift)
+    e = tl.where(ef > 0, ef - 127, -126 - shift)
+    return m, e
+
+
+@triton.jit
+def fdiv_rn(x, y):
+    """x / y in fp32, correctly rounded to nearest-even, subnormals included, by integer long division.
+
+    Same result as IEEE division on any device whatever its flush-to-zero setting; NaN results are
+    the canonical 0x7FC00000.
+    """
+    xb = x.to(tl.int32, bitcast=True)
+    yb = y.to(tl.int32, bitcast=True)
+    sign = (xb ^ yb) & -2147483648
+    xa = xb & 0x7FFFFFFF
+    ya = yb & 0x7FFFFFFF
+    nan = (xa > 0x7F800000) | (ya > 0x7F800000) | ((xa == 0) & (ya == 0)) | \
+        ((xa == 0x7F800000) & (ya == 0x7F800000))
+    inf = (xa == 0x7F800000) | (ya == 0)
+    zero = (xa == 0) | (ya == 0x7F800000)
+    mx, ex = _significand(tl.where(nan | inf | zero, 0x3F800000, xa))
+    my, ey = _significand(tl.where(nan | inf | zero, 0x3F800000, ya))
+    num = mx.to(tl.int64) << 39
+    q = num // my.to(tl.int64)  # in (2^38, 2^40): the quotient mx / my with 39 fraction bits
+    sticky = (num - q * my.to(tl.int64)) != 0
+    lead = tl.where(q >= (1 << 39), 39, 38)
+    e = ex - ey + lead - 39  # exponent of the result
+    drop = tl.where(e >= -126, lead - 23, ey - ex - 110)  # bits below the result's last place
+    drop = tl.minimum(drop, 45)  # from 41 on the result is 0 (q < 2^40 < half)
+    kept = q >> drop
+    rem = q & ((tl.full(q.shape, 1, tl.int64) << drop) - 1)
+    half = tl.full(q.shape, 1, tl.int64) << (drop - 1)
+    up = (rem > half) | ((rem == half) & (sticky | ((kept & 1) == 1)))
+    kept = kept + up.to(tl.int64)
+    mag = tl.where(e >= -126, ((e + 127).to(tl.int64) << 23) + kept - (1 << 23), kept)
+    mag = tl.minimum(mag, 0x7F800000).to(tl.int32)
+    mag = tl.where(zero, 0, tl.where(inf, 0x7F800000, mag))
+    bits = tl.where(nan, 0x7FC00000, mag | sign)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def round_to_code(v, rbits, STOCHASTIC: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr,
                   MAX_CODE: tl.constexpr, INF_CODE: tl.constexpr, NAN_CODE: tl.constexpr,
                   SIGN_SHIFT: tl.constexpr):
