@@ -94,7 +94,7 @@ def _softmax_grad_(z: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor, targe
 
 class _FusedScalar(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, valid, spec, reduction, chunk):
+    def forward(ctx, hidden, weight, bias, labels, valid, spec, reduction, chunk, want_grads):
         shape_h = hidden.shape
         h2 = hidden.reshape(-1, shape_h[-1])
         safe = torch.where(valid, labels, torch.zeros_like(labels)).reshape(-1).long()
@@ -103,7 +103,8 @@ class _FusedScalar(torch.autograd.Function):
         acc = _acc_dtype(hidden, weight, bias)
         w32 = weight.to(acc)
         b32 = bias.to(acc) if bias is not None else None
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        # Under no_grad the gradients would be thrown away: skip the two extra GEMMs per chunk.
+        need_h, need_w, need_b = (want_grads and ctx.needs_input_grad[i] for i in range(3))
         need_any = need_h or need_w or need_b
 
         keep_global = None
@@ -116,7 +117,7 @@ class _FusedScalar(torch.autograd.Function):
         grad_w = torch.zeros_like(w32) if need_w else None
         grad_b = torch.zeros_like(b32) if need_b else None
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        n_keep = 0
+        kept = torch.zeros((), dtype=torch.int64, device=hidden.device)  # summed on device: no sync per chunk
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             hc = h2[s:e]
@@ -125,7 +126,7 @@ class _FusedScalar(torch.autograd.Function):
             tgt = safe[s:e]
             logp = z.gather(1, tgt[:, None]).squeeze(1) - lse
             keep = keep_global[s:e] if keep_global is not None else _keep_mask(logp, valid_f[s:e], spec)
-            n_keep += int(keep.sum())
+            kept += keep.sum()
             total += torch.where(keep, _token_loss(logp, spec), torch.zeros_like(logp)).sum(dtype=torch.float64)
             if need_any:
                 coef = torch.where(keep, _token_dloss(logp, spec), torch.zeros_like(logp))
@@ -139,6 +140,7 @@ class _FusedScalar(torch.autograd.Function):
                 del g
             del z
 
+        n_keep = int(kept)
         if n_keep == 0:
             warnings.warn("fused_linear_sft_loss: no token is kept (all labels are ignore_index, or the "
                           "objective's selection is empty); returning a zero loss", RuntimeWarning, stacklevel=3)
@@ -168,7 +170,7 @@ class _FusedScalar(torch.autograd.Function):
                 out.append(g if bool(grad_out == 1) else g * grad_out.to(g.dtype))
             else:
                 out.append(None)
-        return out[0], out[1], out[2], None, None, None, None, None
+        return out[0], out[1], out[2], None, None, None, None, None, None
 
 
 class _FusedTokenLogps(torch.autograd.Function):
@@ -267,7 +269,8 @@ def fused_linear_sft_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, la
     if n == 0:
         warnings.warn("fused_linear_sft_loss: empty input; returning a zero loss", RuntimeWarning, stacklevel=2)
         return hidden.float().sum() * 0.0 + lm_head_weight.float().sum() * 0.0
-    return _FusedScalar.apply(hidden, lm_head_weight, bias, labels, valid, spec, reduction, chunk)
+    return _FusedScalar.apply(hidden, lm_head_weight, bias, labels, valid, spec, reduction, chunk,
+                              torch.is_grad_enabled())
 
 
 class TensorMemoryTracker(TorchDispatchMode):

@@ -1,6 +1,4 @@
 """fused_linear_sft_loss / fused_linear_sequence_logps against the unfused path, and their peak memory."""
-import time
-
 import pytest
 import torch
 
@@ -128,6 +126,11 @@ def test_no_grad_inputs_forward_only():
     loss = fused_linear_sft_loss(h, w, y)
     assert not loss.requires_grad
     assert rel(loss, unfused(h, w, None, y)) <= 1e-6
+    h.requires_grad_(True)
+    with torch.no_grad():
+        evaluated = fused_linear_sft_loss(h, w, y, objective="threshold")
+    assert not evaluated.requires_grad
+    assert rel(evaluated, unfused(h.detach(), w, None, y, objective="threshold")) <= 1e-6
 
 
 def test_fused_bad_inputs():
@@ -184,12 +187,10 @@ def test_fused_peak_memory_below_quarter_of_unfused(objective, kw):
         loss = fused_linear_sft_loss(h, w, y, objective=objective, **kw)
         loss.backward()
 
-    t0 = time.perf_counter()
     peak_unfused = _peak(run_unfused)
     grads_unfused = (h.grad.clone(), w.grad.clone())
     h.grad = w.grad = None
     peak_fused = _peak(run_fused)
-    assert time.perf_counter() - t0 < 30
     logits_bytes = n_tok * vocab * 4
     assert peak_unfused >= 2 * logits_bytes  # sanity: the tracker sees the materialised logits
     assert peak_fused < peak_unfused / 4, (peak_fused / 2 ** 20, peak_unfused / 2 ** 20)
