@@ -122,31 +122,35 @@ def run(vocabs, token_counts, hidden, objectives, repeat, mem_limit_gib, out_csv
                     if "plain_ce" in results:
                         row["time_vs_plain_ce"] = f"{p50 / results['plain_ce'][0]:.3f}"
                 del h, w, y
+                write_csv(rows, out_csv)  # after every point, so an interrupted run keeps what it measured
+    print(f"wrote {out_csv}")
+    return rows
+
+
+def write_csv(rows, out_csv: Path) -> None:
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     with open(out_csv, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    print(f"wrote {out_csv}")
-    return rows
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small shapes (vocab 32k/128k, 1k-2k tokens, hidden 128)")
+    ap.add_argument("--quick", action="store_true", help="small shapes (vocab 32k/128k, 1k-2k tokens)")
     ap.add_argument("--vocab", type=int, nargs="*", help="vocabulary sizes (default 32000 128256)")
     ap.add_argument("--tokens", type=int, nargs="*", help="token counts (default 4096 8192 16384)")
-    ap.add_argument("--hidden", type=int, help="hidden size (default 256; 128 with --quick)")
+    ap.add_argument("--hidden", type=int, help="hidden size (default 128)")
     ap.add_argument("--objectives", nargs="*", default=["nll"], help="SFT objectives to time (default nll)")
-    ap.add_argument("--repeat", type=int, help="timed runs per point after the warm-up (default 3; 2 with --quick)")
+    ap.add_argument("--repeat", type=int, help="timed runs per point after the warm-up (default 2)")
     ap.add_argument("--mem-limit-gib", type=float, default=12.0,
                     help="skip unfused methods whose logits would exceed this (default 12)")
     ap.add_argument("--out", type=Path, help="CSV path (default bench/results/<machine>/loss.csv)")
     args = ap.parse_args(argv)
     vocabs = args.vocab or [32000, 128256]
     tokens = args.tokens or ([1024, 2048] if args.quick else [4096, 8192, 16384])
-    hidden = args.hidden or (128 if args.quick else 256)
-    repeat = args.repeat or (2 if args.quick else 3)
+    hidden = args.hidden or 128
+    repeat = args.repeat or 2
     out = args.out or ROOT / "results" / machine_name() / ("loss_quick.csv" if args.quick else "loss.csv")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {machine_name()}; hidden {hidden}",
           file=sys.stderr)
