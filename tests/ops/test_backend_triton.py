@@ -40,7 +40,7 @@ import lowbit  # noqa: E402
 from lowbit import backends  # noqa: E402
 from lowbit.backends import ref  # noqa: E402
 from lowbit.backends import triton as tb  # noqa: E402
-from lowbit.backends.triton._rounding import hadamard_negative, random_bits  # noqa: E402
+from lowbit.backends.triton._rounding import fdiv_rn, hadamard_negative, random_bits  # noqa: E402
 
 DEV = "cpu" if INTERPRETED else "cuda"
 if DEV == "cuda" and not torch.cuda.is_available():
@@ -144,6 +144,31 @@ def test_hadamard_sign_stream_matches_ref(seed):
     j = torch.arange(4096)
     negative = _kernel_bits(seed, j, signs=True) != 0
     assert torch.equal(negative, ref.hadamard_signs(4096, seed) < 0)
+
+
+@triton.jit
+def _div_kernel(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    q = fdiv_rn(tl.load(x_ptr + offs, mask=mask, other=1.0), tl.load(y_ptr + offs, mask=mask, other=1.0))
+    tl.store(out_ptr + offs, q, mask=mask)
+
+
+def test_integer_division_is_ieee_division():
+    """fdiv_rn (every quotient the kernels take) against the CPU's IEEE fp32 division, subnormals included."""
+    g = torch.Generator().manual_seed(4)
+    n = 8192
+    patterns = torch.randint(-2**31, 2**31, (2, n), generator=g, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    spread = torch.randn(2, n, generator=g) * torch.pow(2.0, torch.randint(-149, 128, (2, n), generator=g).float())
+    near = torch.randn(2, n, generator=g) * torch.pow(2.0, torch.randint(-20, 20, (2, n), generator=g).float())
+    special = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 2.0**-149, 2.0**-126 - 2.0**-149, 2.0**-126,
+                            3.4028234663852886e38, 1.0, 3.0, 6.0, 448.0, 2688.0])
+    sx, sy = torch.meshgrid(special, special, indexing="ij")
+    x = torch.cat([patterns[0], spread[0], near[0], sx.flatten(), near[0] * 2.0**-120])
+    y = torch.cat([patterns[1], spread[1], near[1], sy.flatten(), near[1]])
+    out = torch.empty_like(x, device=DEV)
+    _div_kernel[(triton.cdiv(x.numel(), 1024),)](x.to(DEV), y.to(DEV), out, x.numel(), 1024)
+    assert_same_values(out.cpu(), x / y, "x / y")
 
 
 # ----------------------------------------------------------------------------- cast
@@ -366,13 +391,17 @@ def test_hadamard_matches_ref(block, shape, axis):
         assert_same_values(ours, spec, f"seed {seed} inverse {inverse}")
 
 
-def test_hadamard_half_input_and_round_trip():
+def test_hadamard_other_input_dtypes_and_round_trip():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(8, 256, generator=g)
-    for dtype in (torch.bfloat16, torch.float16):
+    x[0, :4] = torch.tensor([1e-39, -1e-41, 0.0, math.inf])
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
         xs = x.to(dtype)
+        if dtype == torch.float64:
+            xs[1, :3] = torch.tensor([1e-300, -1e300, 1.0 + 2.0**-40], dtype=torch.float64)
         assert_same_values(lowbit.hadamard(xs.to(DEV), 64, seed=3, backend="triton"),
                            lowbit.hadamard(xs, 64, seed=3, backend="ref"), str(dtype))
+    x = torch.randn(8, 256, generator=g)
     y = tb.hadamard(x.to(DEV), 256, 9, False)
     back = tb.hadamard(y, 256, 9, True).cpu()
     assert_same_values(back, ref.hadamard(ref.hadamard(x, 256, 9, False), 256, 9, True), "round trip")

@@ -1,11 +1,13 @@
 """Shared @triton.jit helpers: Philox bits, grid rounding to element codes, exponent rules.
 
 Every rounding decision is made with integer operations on the fp32 bit pattern, so the result
-does not depend on how a device (or the interpreter) rounds float conversions. The rules are
-those of `lowbit/backends/ref.py`.
+does not depend on how a device (or the interpreter) rounds float conversions, and every
+division is an integer long division (`fdiv_rn`), so none depends on a flush-to-zero setting.
+The rules are those of `lowbit/backends/ref.py`.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -31,10 +33,10 @@ def load_fp32(ptr, offs, mask, BF16: tl.constexpr):
     return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
 
-def as_kernel_input(x):
-    """(tensor to pass, BF16 flag) for `load_fp32`."""
-    import torch
-
+def as_kernel_input(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(tensor to pass, BF16 flag) for `load_fp32`; fp64 is first rounded to fp32 as ref does."""
+    if x.dtype == torch.float64:
+        x = x.to(torch.float32)
     x = x.contiguous()
     return (x.view(torch.int16), True) if x.dtype == torch.bfloat16 else (x, False)
 
