@@ -2,6 +2,8 @@
 # Compile-checks the CUDA extension without a GPU: every csrc/cuda/*.cu with nvcc -c for each
 # target architecture (default sm_90a and sm_100a, as setup.py builds), every csrc/cuda/*.cpp
 # with the host compiler, then links lowbit._C_cuda and imports it (no device is touched).
+# Flags are setup.py's (-O3, --expt-relaxed-constexpr, -gencode per arch) plus the ones
+# torch.utils.cpp_extension adds; the C++ standard is the one the installed torch requires.
 #
 # Environment: LOWBIT_CUDA_ARCHS ("90a;100a"), CUDA_HOME (/usr/local/cuda), JOBS (nproc),
 # CUDA_CHECK_VENV (.venv-cuda), CUDA_CHECK_TORCH (torch==2.14.1), CUDA_CHECK_LINK (1; 0 skips
@@ -54,6 +56,9 @@ print("INCS=(" + " ".join(f"-I{p}" for p in incs) + ")")
 print("AFTER=(" + " ".join(f"-isystem {p}" for p in wheel_inc) + ")")
 print("NVCC_COMMON=(" + " ".join(ce.COMMON_NVCC_FLAGS + common) + ")")
 print("CXX_COMMON=(" + " ".join(common) + ")")
+# The C++ standard torch's headers need: ATen rejects anything before C++20 since torch 2.10.
+aten = os.path.join(os.path.dirname(torch.__file__), "include", "ATen", "ATen.h")
+print("STD=" + ("c++20" if "202002L" in open(aten).read() else "c++17"))
 lib_dirs = ce.library_paths(device_type="cuda") + [os.path.join(d, "..", "lib") for d in wheel_inc]
 print("LIBDIRS=(" + " ".join(f"-L{p}" for p in lib_dirs) + ")")
 print("RPATHS=(" + " ".join(f"-Wl,-rpath,{p}" for p in lib_dirs) + ")")
@@ -83,16 +88,16 @@ compile_one() {  # $1 = source; writes $OBJ/<name>.o and $OBJ/<name>.log, return
     local src="$1" name
     name="$(basename "$src")"
     if [[ "$src" == *.cu ]]; then
-        "$NVCC" -c "$src" -o "$OBJ/$name.o" -O3 -std=c++17 --expt-relaxed-constexpr "${GENCODE[@]}" \
+        "$NVCC" -c "$src" -o "$OBJ/$name.o" -O3 "-std=$STD" --expt-relaxed-constexpr "${GENCODE[@]}" \
             "${NVCC_COMMON[@]}" -Xcompiler -fPIC -Xcompiler -Wall "${INCS[@]}" "${AFTER[@]}" \
             > "$OBJ/$name.log" 2>&1
     else
-        c++ -c "$src" -o "$OBJ/$name.o" -O3 -std=c++17 -fPIC -Wall "${CXX_COMMON[@]}" "${INCS[@]}" "${AFTER[@]}" \
+        c++ -c "$src" -o "$OBJ/$name.o" -O3 "-std=$STD" -fPIC -Wall "${CXX_COMMON[@]}" "${INCS[@]}" "${AFTER[@]}" \
             > "$OBJ/$name.log" 2>&1
     fi
 }
 
-echo "cuda_check: nvcc $("$NVCC" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), torch $("$PY" -c 'import torch; print(torch.__version__)'), archs ${ARCHS}, ${JOBS} jobs"
+echo "cuda_check: nvcc $("$NVCC" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), torch $("$PY" -c 'import torch; print(torch.__version__)'), archs ${ARCHS}, -std=${STD}, ${JOBS} jobs"
 pids=()
 srcs=()
 failed=0

@@ -1,0 +1,207 @@
+// Random Hadamard transform of consecutive 1 x B slices of the last dim (B = 16 .. 32768).
+//
+// Bit-exact with ref.hadamard: every output is produced by the same sequence of fp32 operations
+// (forward: sign multiply, butterfly stages h = 1, 2, 4, ..., B/2 each (a + c, a - c), multiply by
+// fp32(1/sqrt(B)); inverse: butterfly, multiply, signs). Only where the stage operands live
+// changes: each thread holds E consecutive elements; stages h < E run in registers, stages with
+// partners in the same warp through shuffles, the rest through shared memory.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cmath>
+
+#include "common.cuh"
+#include "ops.h"
+#include "tensor_checks.h"
+
+namespace lowbit {
+namespace cuda {
+namespace {
+
+constexpr int kMaxHadamardThreads = 512;
+
+// Bit j of words[] = 1 iff s_j = -1 (top bit of word j mod 4 of Philox with counter (j/4, 0, 1, 0)).
+__global__ void hadamard_signs_kernel(uint32_t* words, int block, uint64_t seed) {
+  const int w = blockIdx.x * blockDim.x + threadIdx.x;
+  if (w * 32 >= block) return;
+  uint32_t bits = 0;
+  for (int b = 0; b < 32; ++b) {
+    const int j = w * 32 + b;
+    if (j < block) bits |= (hadamard_sign_word(seed, (uint32_t)j) >> 31) << b;
+  }
+  words[w] = bits;
+}
+
+template <int E>
+__device__ __forceinline__ void apply_signs(float (&v)[E], const uint32_t* signs, int j0) {
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int j = j0 + e;
+    const bool neg = (signs[j >> 5] >> (j & 31)) & 1u;
+    v[e] = mul_rn(v[e], neg ? -1.0f : 1.0f);
+  }
+}
+
+// Threads per transform block T = B / E. T <= 32: several transform blocks per warp, one thread
+// block of kThreads handles kThreads / T of them. T > 32: one thread block of T threads per
+// transform block, with a T x CH fp32 shared buffer for the stages across warps.
+template <int IN, int E>
+__global__ void __launch_bounds__(kMaxHadamardThreads)
+    hadamard_kernel(const typename InTraits<IN>::Storage* __restrict__ x, float* __restrict__ y, int64_t nblocks,
+                    int B, const uint32_t* __restrict__ signs, float norm, bool inverse) {
+  constexpr int CH = E < 16 ? E : 16;
+  extern __shared__ float exchange[];
+  const int T = B / E;
+  int64_t hb;
+  int t;
+  if (T <= 32) {
+    const int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    hb = g / T;
+    t = (int)(g % T);
+  } else {
+    hb = blockIdx.x;
+    t = threadIdx.x;
+  }
+  const bool valid = hb < nblocks;
+  const int64_t base = hb * B + (int64_t)t * E;
+  const int j0 = t * E;
+
+  float v[E];
+  if (valid) {
+    load_f32<IN, E>(x + base, v);
+  } else {
+#pragma unroll
+    for (int e = 0; e < E; ++e) v[e] = 0.0f;
+  }
+  if (!inverse && signs != nullptr && valid) apply_signs<E>(v, signs, j0);
+
+  // Stages inside the thread's E elements.
+#pragma unroll
+  for (int h = 1; h < E; h <<= 1) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      if ((e & h) == 0) {
+        const float a = v[e], c = v[e + h];
+        v[e] = add_rn(a, c);
+        v[e + h] = sub_rn(a, c);
+      }
+    }
+  }
+  // Stages whose partner thread is in the same warp (lane ^ h / E). In every butterfly the lower
+  // index keeps a + c and the upper one a - c (a the lower, c the upper value).
+  for (int h = E; h < B && h < 32 * E; h <<= 1) {
+    const int lm = h / E;
+    const bool upper = (t & lm) != 0;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const float o = __shfl_xor_sync(0xffffffffu, v[e], lm);
+      v[e] = upper ? sub_rn(o, v[e]) : add_rn(v[e], o);
+    }
+  }
+  // Stages across warps (only when T > 32, where the whole thread block is one transform block).
+  for (int h = 32 * E; h < B; h <<= 1) {
+    const int lm = h / E;
+    const bool upper = (t & lm) != 0;
+#pragma unroll
+    for (int e0 = 0; e0 < E; e0 += CH) {
+#pragma unroll
+      for (int c = 0; c < CH; ++c) exchange[c * T + t] = v[e0 + c];
+      __syncthreads();
+      float o[CH];
+#pragma unroll
+      for (int c = 0; c < CH; ++c) o[c] = exchange[c * T + (t ^ lm)];
+      __syncthreads();
+#pragma unroll
+      for (int c = 0; c < CH; ++c) v[e0 + c] = upper ? sub_rn(o[c], v[e0 + c]) : add_rn(v[e0 + c], o[c]);
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < E; ++e) v[e] = mul_rn(v[e], norm);
+  if (!valid) return;
+  if (inverse && signs != nullptr) apply_signs<E>(v, signs, j0);
+  Pack<float, E> out;
+#pragma unroll
+  for (int e = 0; e < E; ++e) out.v[e] = v[e];
+  *reinterpret_cast<Pack<float, E>*>(y + base) = out;
+}
+
+template <int IN, int E>
+void launch_hadamard(const at::Tensor& x, at::Tensor& y, int64_t nblocks, int B, const uint32_t* signs, float norm,
+                     bool inverse, cudaStream_t stream) {
+  using S = typename InTraits<IN>::Storage;
+  constexpr int CH = E < 16 ? E : 16;
+  const int T = B / E;
+  const S* xp = reinterpret_cast<const S*>(x.data_ptr());
+  float* yp = y.data_ptr<float>();
+  if (T <= 32) {
+    const int64_t threads = nblocks * T;
+    const int64_t grid = ceil_div(threads, kThreads);
+    TORCH_CHECK(grid < (int64_t)1 << 31, "hadamard: tensor too large (", nblocks, " transform blocks)");
+    hadamard_kernel<IN, E><<<(unsigned)grid, kThreads, 0, stream>>>(xp, yp, nblocks, B, signs, norm, inverse);
+  } else {
+    TORCH_CHECK(nblocks < (int64_t)1 << 31, "hadamard: tensor too large (", nblocks, " transform blocks)");
+    const size_t smem = sizeof(float) * CH * T;
+    hadamard_kernel<IN, E><<<(unsigned)nblocks, T, smem, stream>>>(xp, yp, nblocks, B, signs, norm, inverse);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <int IN>
+void dispatch_hadamard(const at::Tensor& x, at::Tensor& y, int64_t nblocks, int B, const uint32_t* signs,
+                       float norm, bool inverse, cudaStream_t stream) {
+  // Elements per thread: 8 up to B = 4096 (T <= 512), then B / 512.
+  if (B <= 4096) {
+    launch_hadamard<IN, 8>(x, y, nblocks, B, signs, norm, inverse, stream);
+  } else if (B == 8192) {
+    launch_hadamard<IN, 16>(x, y, nblocks, B, signs, norm, inverse, stream);
+  } else if (B == 16384) {
+    launch_hadamard<IN, 32>(x, y, nblocks, B, signs, norm, inverse, stream);
+  } else {
+    launch_hadamard<IN, 64>(x, y, nblocks, B, signs, norm, inverse, stream);
+  }
+}
+
+}  // namespace
+
+at::Tensor hadamard_transform(const at::Tensor& x_in, int64_t block, bool with_signs, uint64_t seed, bool inverse) {
+  check_cuda(x_in, "x");
+  TORCH_CHECK(x_in.dim() == 2, "x: expected a 2-D [R, K] tensor, got ", x_in.dim(), " dims");
+  const int in = input_type(x_in, "x");
+  const int64_t R = x_in.size(0), K = x_in.size(1);
+  check_hadamard_block(block, K, "block");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  at::Tensor y = at::empty({R, K}, x_in.options().dtype(at::kFloat));
+  if (R * K == 0) return y;
+  const at::Tensor x = aligned_contiguous(x_in);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int B = (int)block;
+  // fp32(1/sqrt(B)), rounded from the double quotient exactly as ref.hadamard_norm does.
+  const float norm = (float)(1.0 / std::sqrt((double)B));
+  at::Tensor words;
+  const uint32_t* signs = nullptr;
+  if (with_signs) {
+    const int nwords = (B + 31) / 32;
+    words = at::empty({nwords}, x.options().dtype(at::kInt));
+    hadamard_signs_kernel<<<(unsigned)ceil_div(nwords, 128), 128, 0, stream>>>(
+        reinterpret_cast<uint32_t*>(words.data_ptr<int32_t>()), B, seed);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    signs = reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>());
+  }
+  const int64_t nblocks = R * (K / B);
+  switch (in) {
+    case kInF32: dispatch_hadamard<kInF32>(x, y, nblocks, B, signs, norm, inverse, stream); break;
+    case kInBF16: dispatch_hadamard<kInBF16>(x, y, nblocks, B, signs, norm, inverse, stream); break;
+    default: dispatch_hadamard<kInF16>(x, y, nblocks, B, signs, norm, inverse, stream); break;
+  }
+  return y;
+}
+
+at::Tensor hadamard(const at::Tensor& x, int64_t block, int64_t seed, bool inverse) {
+  return hadamard_transform(x, block, seed >= 0, (uint64_t)seed, inverse);
+}
+
+}  // namespace cuda
+}  // namespace lowbit
