@@ -1,7 +1,7 @@
 // Shared pieces of the CPU kernels (internal to lowbit._C).
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <cstdint>
 #include <string>
@@ -9,6 +9,10 @@
 #include <vector>
 
 #include "lowbit/formats.h"
+
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
 
 namespace lowbit {
 namespace cpu {
@@ -37,6 +41,17 @@ template <class In>
 inline void load_row(const In* src, float* dst, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] = load_f32<In>(src[k]);
 }
+
+#ifdef __F16C__
+// The hardware conversion is exact (subnormals included) and keeps NaN payloads like the scalar one.
+template <>
+inline void load_row<c10::Half>(const c10::Half* src, float* dst, int64_t n) {
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k))));
+  for (; k < n; ++k) dst[k] = load_f32<c10::Half>(src[k]);
+}
+#endif
 
 // Random Hadamard transform pieces (hadamard.cpp).
 std::vector<float> hadamard_signs(int64_t block, int64_t seed);  // seed < 0: all +1

@@ -1,4 +1,6 @@
 // Python bindings of the CPU kernels: the lowbit._C extension (used by lowbit/backends/cpu.py).
+#include <torch/extension.h>
+
 #include "common.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -154,9 +154,9 @@ LOWBIT_HD uint32_t round_code_bits(uint32_t xb, uint32_t r) {
   return ab > kF32Inf ? T::kNanCode : code;
 }
 
-// Round-to-nearest-even with fewer operations than round_code_bits (same results): normal
-// values round by the classic add-half-ulp carry on the fp32 bits, values below the element's
-// smallest normal by rounding |x| * 2^(kMbits - kEmin) to an integer with the 2^23 magic add.
+// Round-to-nearest-even with fewer operations than round_code_bits (same codes): the classic
+// add-half-ulp carry on the fp32 bits, with the significand shifted further for values below the
+// element's smallest normal. Integer only, so no compiler moves fp math under a branch.
 template <class T>
 LOWBIT_HD uint32_t round_code_rne(uint32_t xb) {
   constexpr int kShift = 23 - T::kMbits;
@@ -165,8 +165,11 @@ LOWBIT_HD uint32_t round_code_rne(uint32_t xb) {
   const uint32_t t = ab + ((1u << (kShift - 1)) - 1u) + ((ab >> kShift) & 1u);
   uint32_t code = (t >> kShift) - ((uint32_t)(127 - T::kBias) << T::kMbits);
   if (T::kEmin > -126) {
-    const float f = bits_f32(ab) * pow2f(T::kMbits - T::kEmin) + 8388608.0f;
-    const uint32_t sub = f32_bits(f) - 0x4B000000u;
+    const int32_t e = (int32_t)(ab >> 23);
+    const uint32_t m = (ab & 0x7FFFFFu) | (e ? 0x800000u : 0u);
+    // Bits below the subnormal grid spacing 2^(kEmin - kMbits); from 25 on everything rounds to 0.
+    const int32_t s = imin32(imax32((T::kEmin - T::kMbits) - (imax32(e, 1) - 150), 1), 25);
+    const uint32_t sub = (m + ((1u << (s - 1)) - 1u) + ((m >> s) & 1u)) >> s;
     code = ab < ((uint32_t)(T::kEmin + 127) << 23) ? sub : code;
   }
   code = umin32(code, T::kMaxCode);
