@@ -1,14 +1,6 @@
 // Unscaled saturating cast of fp32 / bf16 / fp16 to bf16, fp16, E4M3 or E5M2 with nearest-even or
 // stochastic rounding (ref.cast); the random bits of element i are r(seed, i), i the flat index.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
 #include "common.cuh"
-#include "ops.h"
-#include "tensor_checks.h"
 
 namespace lowbit {
 namespace cuda {
@@ -66,64 +58,39 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <int IN, class T>
-void launch(const at::Tensor& x, at::Tensor& out, bool stochastic, uint64_t seed, cudaStream_t stream) {
+void launch(const void* x, int64_t n, bool stochastic, uint64_t seed, void* y, cudaStream_t stream) {
   using S = typename InTraits<IN>::Storage;
   using C = typename CodeStorage<T>::type;
-  const int64_t n = x.numel();
   const unsigned grid = grid_for(ceil_div(n, 4));
-  const S* xp = reinterpret_cast<const S*>(x.data_ptr());
-  C* op = reinterpret_cast<C*>(out.data_ptr());
+  const S* xp = reinterpret_cast<const S*>(x);
+  C* yp = reinterpret_cast<C*>(y);
   if (stochastic) {
-    cast_kernel<IN, T, true><<<grid, kThreads, 0, stream>>>(xp, n, seed, op);
+    cast_kernel<IN, T, true><<<grid, kThreads, 0, stream>>>(xp, n, seed, yp);
   } else {
-    cast_kernel<IN, T, false><<<grid, kThreads, 0, stream>>>(xp, n, seed, op);
+    cast_kernel<IN, T, false><<<grid, kThreads, 0, stream>>>(xp, n, seed, yp);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <class T>
-void dispatch_in(int in, const at::Tensor& x, at::Tensor& out, bool stochastic, uint64_t seed, cudaStream_t stream) {
+void dispatch_in(int in, const void* x, int64_t n, bool stochastic, uint64_t seed, void* y, cudaStream_t stream) {
   switch (in) {
-    case kInF32: launch<kInF32, T>(x, out, stochastic, seed, stream); break;
-    case kInBF16: launch<kInBF16, T>(x, out, stochastic, seed, stream); break;
-    default: launch<kInF16, T>(x, out, stochastic, seed, stream); break;
+    case kInF32: launch<kInF32, T>(x, n, stochastic, seed, y, stream); break;
+    case kInBF16: launch<kInBF16, T>(x, n, stochastic, seed, y, stream); break;
+    default: launch<kInF16, T>(x, n, stochastic, seed, y, stream); break;
   }
 }
 
 }  // namespace
 
-at::Tensor cast(const at::Tensor& x_in, const std::string& dtype, const std::string& rounding, int64_t seed) {
-  check_cuda(x_in, "x");
-  const int in = input_type(x_in, "x");
-  const bool stochastic = is_rounding(rounding);
-  at::ScalarType out_type;
-  if (dtype == "bfloat16") {
-    out_type = at::kBFloat16;
-  } else if (dtype == "float16") {
-    out_type = at::kHalf;
-  } else if (dtype == "float8_e4m3fn") {
-    out_type = at::ScalarType::Float8_e4m3fn;
-  } else if (dtype == "float8_e5m2") {
-    out_type = at::ScalarType::Float8_e5m2;
-  } else {
-    TORCH_CHECK(false, "dtype: expected 'bfloat16', 'float16', 'float8_e4m3fn' or 'float8_e5m2', got '", dtype, "'");
+cudaError_t launch_cast(int in, int elem, bool stochastic, const void* x, int64_t n, uint64_t seed, void* y,
+                        cudaStream_t stream) {
+  switch (elem) {
+    case kElemBF16: dispatch_in<BF16>(in, x, n, stochastic, seed, y, stream); break;
+    case kElemFP16: dispatch_in<FP16>(in, x, n, stochastic, seed, y, stream); break;
+    case kElemE4M3: dispatch_in<E4M3>(in, x, n, stochastic, seed, y, stream); break;
+    default: dispatch_in<E5M2>(in, x, n, stochastic, seed, y, stream); break;
   }
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  at::Tensor out = at::empty(x_in.sizes(), x_in.options().dtype(out_type));
-  if (x_in.numel() == 0) return out;
-  const at::Tensor x = aligned_contiguous(x_in);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const uint64_t key = (uint64_t)seed;
-  if (out_type == at::kBFloat16) {
-    dispatch_in<BF16>(in, x, out, stochastic, key, stream);
-  } else if (out_type == at::kHalf) {
-    dispatch_in<FP16>(in, x, out, stochastic, key, stream);
-  } else if (out_type == at::ScalarType::Float8_e4m3fn) {
-    dispatch_in<E4M3>(in, x, out, stochastic, key, stream);
-  } else {
-    dispatch_in<E5M2>(in, x, out, stochastic, key, stream);
-  }
-  return out;
+  return launch_status();
 }
 
 }  // namespace cuda

@@ -11,6 +11,8 @@
 #include <lowbit/formats.h>
 #include <lowbit/rng.h>
 
+#include "launch.h"
+
 namespace lowbit {
 namespace cuda {
 
@@ -90,9 +92,7 @@ __device__ __forceinline__ uint32_t e2m1x2_rn(float lo, float hi) {
 #endif
 }
 
-// Input element types, as the raw storage a kernel reads.
-enum InType : int { kInF32 = 0, kInBF16 = 1, kInF16 = 2 };
-
+// Input element types (InType of launch.h), as the raw storage a kernel reads.
 template <int IN>
 struct InTraits {
   using Storage = float;
@@ -153,6 +153,9 @@ __device__ __forceinline__ void rounding_bits(uint64_t seed, const uint64_t (&id
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Outcome of the launches just made (what the launch_* functions return).
+inline cudaError_t launch_status() { return cudaGetLastError(); }
 
 // Blocks for a grid-stride loop over `work` items, `per_block` per block and round.
 inline unsigned grid_for(int64_t work, int64_t per_block = kThreads) {

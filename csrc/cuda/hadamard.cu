@@ -5,17 +5,9 @@
 // fp32(1/sqrt(B)); inverse: butterfly, multiply, signs). Only where the stage operands live
 // changes: each thread holds E consecutive elements; stages h < E run in registers, stages with
 // partners in the same warp through shuffles, the rest through shared memory.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
 #include <cmath>
 
 #include "common.cuh"
-#include "ops.h"
-#include "tensor_checks.h"
 
 namespace lowbit {
 namespace cuda {
@@ -129,78 +121,54 @@ __global__ void __launch_bounds__(kMaxHadamardThreads)
 }
 
 template <int IN, int E>
-void launch_hadamard(const at::Tensor& x, at::Tensor& y, int64_t nblocks, int B, const uint32_t* signs, float norm,
-                     bool inverse, cudaStream_t stream) {
+void launch(const void* x, float* y, int64_t nblocks, int B, const uint32_t* signs, float norm, bool inverse,
+            cudaStream_t stream) {
   using S = typename InTraits<IN>::Storage;
   constexpr int CH = E < 16 ? E : 16;
   const int T = B / E;
-  const S* xp = reinterpret_cast<const S*>(x.data_ptr());
-  float* yp = y.data_ptr<float>();
+  const S* xp = reinterpret_cast<const S*>(x);
   if (T <= 32) {
-    const int64_t threads = nblocks * T;
-    const int64_t grid = ceil_div(threads, kThreads);
-    TORCH_CHECK(grid < (int64_t)1 << 31, "hadamard: tensor too large (", nblocks, " transform blocks)");
-    hadamard_kernel<IN, E><<<(unsigned)grid, kThreads, 0, stream>>>(xp, yp, nblocks, B, signs, norm, inverse);
+    const int64_t grid = ceil_div(nblocks * T, kThreads);
+    hadamard_kernel<IN, E><<<(unsigned)grid, kThreads, 0, stream>>>(xp, y, nblocks, B, signs, norm, inverse);
   } else {
-    TORCH_CHECK(nblocks < (int64_t)1 << 31, "hadamard: tensor too large (", nblocks, " transform blocks)");
     const size_t smem = sizeof(float) * CH * T;
-    hadamard_kernel<IN, E><<<(unsigned)nblocks, T, smem, stream>>>(xp, yp, nblocks, B, signs, norm, inverse);
+    hadamard_kernel<IN, E><<<(unsigned)nblocks, T, smem, stream>>>(xp, y, nblocks, B, signs, norm, inverse);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <int IN>
-void dispatch_hadamard(const at::Tensor& x, at::Tensor& y, int64_t nblocks, int B, const uint32_t* signs,
-                       float norm, bool inverse, cudaStream_t stream) {
+void dispatch(const void* x, float* y, int64_t nblocks, int B, const uint32_t* signs, float norm, bool inverse,
+              cudaStream_t stream) {
   // Elements per thread: 8 up to B = 4096 (T <= 512), then B / 512.
   if (B <= 4096) {
-    launch_hadamard<IN, 8>(x, y, nblocks, B, signs, norm, inverse, stream);
+    launch<IN, 8>(x, y, nblocks, B, signs, norm, inverse, stream);
   } else if (B == 8192) {
-    launch_hadamard<IN, 16>(x, y, nblocks, B, signs, norm, inverse, stream);
+    launch<IN, 16>(x, y, nblocks, B, signs, norm, inverse, stream);
   } else if (B == 16384) {
-    launch_hadamard<IN, 32>(x, y, nblocks, B, signs, norm, inverse, stream);
+    launch<IN, 32>(x, y, nblocks, B, signs, norm, inverse, stream);
   } else {
-    launch_hadamard<IN, 64>(x, y, nblocks, B, signs, norm, inverse, stream);
+    launch<IN, 64>(x, y, nblocks, B, signs, norm, inverse, stream);
   }
 }
 
 }  // namespace
 
-at::Tensor hadamard_transform(const at::Tensor& x_in, int64_t block, bool with_signs, uint64_t seed, bool inverse) {
-  check_cuda(x_in, "x");
-  TORCH_CHECK(x_in.dim() == 2, "x: expected a 2-D [R, K] tensor, got ", x_in.dim(), " dims");
-  const int in = input_type(x_in, "x");
-  const int64_t R = x_in.size(0), K = x_in.size(1);
-  check_hadamard_block(block, K, "block");
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  at::Tensor y = at::empty({R, K}, x_in.options().dtype(at::kFloat));
-  if (R * K == 0) return y;
-  const at::Tensor x = aligned_contiguous(x_in);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const int B = (int)block;
+cudaError_t launch_hadamard(int in, const void* x, float* y, int64_t nblocks, int B, bool with_signs, uint64_t seed,
+                            bool inverse, uint32_t* sign_words, cudaStream_t stream) {
   // fp32(1/sqrt(B)), rounded from the double quotient exactly as ref.hadamard_norm does.
   const float norm = (float)(1.0 / std::sqrt((double)B));
-  at::Tensor words;
   const uint32_t* signs = nullptr;
   if (with_signs) {
     const int nwords = (B + 31) / 32;
-    words = at::empty({nwords}, x.options().dtype(at::kInt));
-    hadamard_signs_kernel<<<(unsigned)ceil_div(nwords, 128), 128, 0, stream>>>(
-        reinterpret_cast<uint32_t*>(words.data_ptr<int32_t>()), B, seed);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    signs = reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>());
+    hadamard_signs_kernel<<<(unsigned)ceil_div(nwords, 128), 128, 0, stream>>>(sign_words, B, seed);
+    signs = sign_words;
   }
-  const int64_t nblocks = R * (K / B);
   switch (in) {
-    case kInF32: dispatch_hadamard<kInF32>(x, y, nblocks, B, signs, norm, inverse, stream); break;
-    case kInBF16: dispatch_hadamard<kInBF16>(x, y, nblocks, B, signs, norm, inverse, stream); break;
-    default: dispatch_hadamard<kInF16>(x, y, nblocks, B, signs, norm, inverse, stream); break;
+    case kInF32: dispatch<kInF32>(x, y, nblocks, B, signs, norm, inverse, stream); break;
+    case kInBF16: dispatch<kInBF16>(x, y, nblocks, B, signs, norm, inverse, stream); break;
+    default: dispatch<kInF16>(x, y, nblocks, B, signs, norm, inverse, stream); break;
   }
-  return y;
-}
-
-at::Tensor hadamard(const at::Tensor& x, int64_t block, int64_t seed, bool inverse) {
-  return hadamard_transform(x, block, seed >= 0, (uint64_t)seed, inverse);
+  return launch_status();
 }
 
 }  // namespace cuda

@@ -10,20 +10,15 @@
 //    max of |x| bits, so the order of the reduction cannot change the result) and an element
 //    kernel that reads the tile's amax.
 // NVFP4 first reduces the whole tensor's amax (unless global_amax is given) into s_enc on device.
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+#include <algorithm>
 
 #include "common.cuh"
-#include "ops.h"
-#include "tensor_checks.h"
 
 namespace lowbit {
 namespace cuda {
 namespace {
 
-enum Kind : int { kFP8 = 0, kMX = 1, kNVFP4 = 2 };
+constexpr int kFP8 = kKindFP8, kMX = kKindMX, kNVFP4 = kKindNVFP4;
 
 // ------------------------------------------------------------------------------ amax
 // amax_bits[tile] = max over the tile of |x| as fp32 bits (>= Inf bits when it holds NaN / Inf).
@@ -210,248 +205,110 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ------------------------------------------------------------------------------ launchers
-struct QuantArgs {
-  const void* x;
-  int64_t R, K, br, bk;
-  const float* s_enc;  // NVFP4 only (device pointer)
-  int mode;
-  uint64_t seed;
-  int64_t inner;
-  uint8_t* data;
-  void* scale;
-  cudaStream_t stream;
-};
-
 template <int IN, int V>
-void launch_tile_amax(const void* x, int64_t R, int64_t K, int64_t br, int64_t bk, uint32_t* amax_bits,
-                      cudaStream_t stream) {
+void tile_amax(const void* x, int64_t R, int64_t K, int64_t br, int64_t bk, uint32_t* amax_bits, cudaStream_t stream) {
   using S = typename InTraits<IN>::Storage;
-  const int64_t nr = R / br, nk = K / bk;
-  const int64_t tiles = nr * nk;
-  TORCH_CHECK(tiles < (int64_t)1 << 31, "quantize: too many blocks (", tiles, ")");
+  const int64_t tiles = (R / br) * (K / bk);
   const int64_t nvec = br * (bk / V);
   const int64_t splits = std::min<int64_t>(65535, std::max<int64_t>(1, ceil_div(nvec, (int64_t)kThreads * 16)));
   const dim3 grid((unsigned)tiles, (unsigned)splits);
-  tile_amax_kernel<IN, V><<<grid, kThreads, 0, stream>>>(reinterpret_cast<const S*>(x), K, br, bk, nk, amax_bits);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  tile_amax_kernel<IN, V><<<grid, kThreads, 0, stream>>>(reinterpret_cast<const S*>(x), K, br, bk, K / bk, amax_bits);
 }
 
 template <int IN>
-void dispatch_tile_amax(const void* x, int64_t R, int64_t K, int64_t br, int64_t bk, int V, uint32_t* amax_bits,
-                        cudaStream_t stream) {
+void tile_amax_v(const void* x, int64_t R, int64_t K, int64_t br, int64_t bk, int V, uint32_t* amax_bits,
+                 cudaStream_t stream) {
   switch (V) {
-    case 8: launch_tile_amax<IN, 8>(x, R, K, br, bk, amax_bits, stream); break;
-    case 4: launch_tile_amax<IN, 4>(x, R, K, br, bk, amax_bits, stream); break;
-    case 2: launch_tile_amax<IN, 2>(x, R, K, br, bk, amax_bits, stream); break;
-    default: launch_tile_amax<IN, 1>(x, R, K, br, bk, amax_bits, stream); break;
+    case 8: tile_amax<IN, 8>(x, R, K, br, bk, amax_bits, stream); break;
+    case 4: tile_amax<IN, 4>(x, R, K, br, bk, amax_bits, stream); break;
+    case 2: tile_amax<IN, 2>(x, R, K, br, bk, amax_bits, stream); break;
+    default: tile_amax<IN, 1>(x, R, K, br, bk, amax_bits, stream); break;
   }
-}
-
-void tile_amax(int in, const void* x, int64_t R, int64_t K, int64_t br, int64_t bk, int V, uint32_t* amax_bits,
-               cudaStream_t stream) {
-  switch (in) {
-    case kInF32: dispatch_tile_amax<kInF32>(x, R, K, br, bk, V, amax_bits, stream); break;
-    case kInBF16: dispatch_tile_amax<kInBF16>(x, R, K, br, bk, V, amax_bits, stream); break;
-    default: dispatch_tile_amax<kInF16>(x, R, K, br, bk, V, amax_bits, stream); break;
-  }
-}
-
-template <int IN, class T, int KIND, bool STOCH>
-void launch_row_block(const QuantArgs& a) {
-  using S = typename InTraits<IN>::Storage;
-  const int G = (int)(a.bk / 8);
-  const int64_t total = a.R * (a.K / 8);
-  row_block_quant_kernel<IN, T, KIND, STOCH><<<grid_for(total), kThreads, 0, a.stream>>>(
-      reinterpret_cast<const S*>(a.x), a.R, a.K, G, a.s_enc, a.mode, a.seed, a.inner, a.data, a.scale);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <int IN, class T, int KIND, int V, bool STOCH>
-void launch_tile(const QuantArgs& a, const uint32_t* amax_bits) {
+void tile_quant(const QuantizeLaunch& a, cudaStream_t stream) {
   using S = typename InTraits<IN>::Storage;
-  const int64_t total = a.R * (a.K / V);
-  tile_quant_kernel<IN, T, KIND, V, STOCH><<<grid_for(total), kThreads, 0, a.stream>>>(
-      reinterpret_cast<const S*>(a.x), a.R, a.K, a.br, a.bk, amax_bits, a.s_enc, a.mode, a.seed, a.inner, a.data,
+  tile_quant_kernel<IN, T, KIND, V, STOCH><<<grid_for(a.R * (a.K / V)), kThreads, 0, stream>>>(
+      reinterpret_cast<const S*>(a.x), a.R, a.K, a.br, a.bk, a.amax_bits, a.s_enc, a.mode, a.seed, a.inner, a.data,
       a.scale);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <int IN, class T, int KIND, bool STOCH>
-void run_quant(const QuantArgs& a, bool row_block, int V, const uint32_t* amax_bits) {
-  if (row_block) {
-    launch_row_block<IN, T, KIND, STOCH>(a);
+void quant(const QuantizeLaunch& a, cudaStream_t stream) {
+  using S = typename InTraits<IN>::Storage;
+  if (a.row_block) {
+    row_block_quant_kernel<IN, T, KIND, STOCH><<<grid_for(a.R * (a.K / 8)), kThreads, 0, stream>>>(
+        reinterpret_cast<const S*>(a.x), a.R, a.K, (int)(a.bk / 8), a.s_enc, a.mode, a.seed, a.inner, a.data,
+        a.scale);
     return;
   }
   if constexpr (KIND != kFP8) {  // MX / NVFP4 tiles are 16 or 32 wide: V = 8
-    launch_tile<IN, T, KIND, 8, STOCH>(a, amax_bits);
+    tile_quant<IN, T, KIND, 8, STOCH>(a, stream);
   } else {
-    switch (V) {
-      case 8: launch_tile<IN, T, KIND, 8, STOCH>(a, amax_bits); break;
-      case 4: launch_tile<IN, T, KIND, 4, STOCH>(a, amax_bits); break;
-      case 2: launch_tile<IN, T, KIND, 2, STOCH>(a, amax_bits); break;
-      default: launch_tile<IN, T, KIND, 1, STOCH>(a, amax_bits); break;
+    switch (a.V) {
+      case 8: tile_quant<IN, T, KIND, 8, STOCH>(a, stream); break;
+      case 4: tile_quant<IN, T, KIND, 4, STOCH>(a, stream); break;
+      case 2: tile_quant<IN, T, KIND, 2, STOCH>(a, stream); break;
+      default: tile_quant<IN, T, KIND, 1, STOCH>(a, stream); break;
     }
   }
 }
 
 template <class T, int KIND, bool STOCH>
-void run_quant_in(int in, const QuantArgs& a, bool row_block, int V, const uint32_t* amax_bits) {
-  switch (in) {
-    case kInF32: run_quant<kInF32, T, KIND, STOCH>(a, row_block, V, amax_bits); break;
-    case kInBF16: run_quant<kInBF16, T, KIND, STOCH>(a, row_block, V, amax_bits); break;
-    default: run_quant<kInF16, T, KIND, STOCH>(a, row_block, V, amax_bits); break;
+void quant_in(const QuantizeLaunch& a, cudaStream_t stream) {
+  switch (a.in) {
+    case kInF32: quant<kInF32, T, KIND, STOCH>(a, stream); break;
+    case kInBF16: quant<kInBF16, T, KIND, STOCH>(a, stream); break;
+    default: quant<kInF16, T, KIND, STOCH>(a, stream); break;
   }
 }
 
 template <class T, int KIND>
-void run_quant_round(int in, bool stochastic, const QuantArgs& a, bool row_block, int V, const uint32_t* amax_bits) {
-  if (stochastic) {
-    run_quant_in<T, KIND, true>(in, a, row_block, V, amax_bits);
+void quant_round(const QuantizeLaunch& a, cudaStream_t stream) {
+  if (a.stochastic) {
+    quant_in<T, KIND, true>(a, stream);
   } else {
-    run_quant_in<T, KIND, false>(in, a, row_block, V, amax_bits);
+    quant_in<T, KIND, false>(a, stream);
   }
-}
-
-int largest_vector(int64_t bk) {
-  return bk % 8 == 0 ? 8 : bk % 4 == 0 ? 4 : bk % 2 == 0 ? 2 : 1;
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x_in, const std::string& kind,
-                                                        const std::string& elem, int64_t br, int64_t bk,
-                                                        const std::string& rounding, int64_t seed,
-                                                        const std::string& scale_mode,
-                                                        const c10::optional<at::Tensor>& global_amax,
-                                                        int64_t hadamard_block, int64_t inner) {
-  check_cuda(x_in, "x");
-  TORCH_CHECK(x_in.dim() == 2, "x: expected a 2-D [R, K] tensor, got ", x_in.dim(), " dims");
-  int in = input_type(x_in, "x");
-  const int64_t R = x_in.size(0), K = x_in.size(1);
-
-  int k_id;
-  if (kind == "fp8") {
-    k_id = kFP8;
-    TORCH_CHECK(elem == "e4m3" || elem == "e5m2", "elem: fp8 takes 'e4m3' or 'e5m2', got '", elem, "'");
-  } else if (kind == "mx") {
-    k_id = kMX;
-    TORCH_CHECK(elem == "e4m3" || elem == "e5m2" || elem == "e2m1", "elem: mx takes 'e4m3', 'e5m2' or 'e2m1', got '",
-                elem, "'");
-  } else if (kind == "nvfp4") {
-    k_id = kNVFP4;
-    TORCH_CHECK(elem == "e2m1", "elem: nvfp4 takes 'e2m1', got '", elem, "'");
-  } else {
-    TORCH_CHECK(false, "kind: expected 'fp8', 'mx' or 'nvfp4', got '", kind, "'");
+cudaError_t launch_tile_amax(int in, const void* x, int64_t R, int64_t K, int64_t br, int64_t bk, int V,
+                             uint32_t* amax_bits, cudaStream_t stream) {
+  switch (in) {
+    case kInF32: tile_amax_v<kInF32>(x, R, K, br, bk, V, amax_bits, stream); break;
+    case kInBF16: tile_amax_v<kInBF16>(x, R, K, br, bk, V, amax_bits, stream); break;
+    default: tile_amax_v<kInF16>(x, R, K, br, bk, V, amax_bits, stream); break;
   }
-  const bool packed = elem == "e2m1";
-  const bool stochastic = is_rounding(rounding);
-  int mode;
-  if (scale_mode == "exact") {
-    mode = kScaleExact;
-  } else if (scale_mode == "floor") {
-    mode = kScaleFloor;
-  } else if (scale_mode == "rceil") {
-    mode = kScaleRceil;
-  } else {
-    TORCH_CHECK(false, "scale_mode: expected 'exact', 'floor' or 'rceil', got '", scale_mode, "'");
-  }
-  TORCH_CHECK(k_id != kMX || mode != kScaleExact, "scale_mode: mx takes 'floor' or 'rceil', got 'exact'");
-  TORCH_CHECK(k_id != kNVFP4 || mode == kScaleExact, "scale_mode: nvfp4 takes 'exact', got '", scale_mode, "'");
-  TORCH_CHECK(br > 0 && bk > 0, "block: expected positive (br, bk), got (", br, ", ", bk, ")");
-  TORCH_CHECK(R % br == 0, "block: ", R, " rows are not divisible by the block height ", br);
-  TORCH_CHECK(K % bk == 0, "block: the quantized dimension has size ", K, ", not divisible by the block size ", bk);
-  if (k_id == kMX) TORCH_CHECK(br == 1 && bk == 32, "block: mx takes (1, 32), got (", br, ", ", bk, ")");
-  if (k_id == kNVFP4)
-    TORCH_CHECK((br == 1 || br == 16) && bk == 16, "block: nvfp4 takes (1, 16) or (16, 16), got (", br, ", ", bk, ")");
-  TORCH_CHECK(inner >= 1, "inner: expected >= 1, got ", inner);
-  TORCH_CHECK(!packed || K % 2 == 0, "x: FP4 packs two elements per byte; the last dim must be even, got ", K);
-  if (hadamard_block) check_hadamard_block(hadamard_block, K, "hadamard_block");
-  if (global_amax.has_value()) {
-    TORCH_CHECK(k_id == kNVFP4, "global_amax: only nvfp4 has a per-tensor amax");
-    check_cuda(*global_amax, "global_amax");
-    check_same_device(*global_amax, x_in, "global_amax");
-    TORCH_CHECK(global_amax->numel() == 1, "global_amax: expected one value, got ", global_amax->numel());
-  }
+  return launch_status();
+}
 
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const at::ScalarType data_dtype =
-      packed ? at::kByte : (elem == "e4m3" ? at::ScalarType::Float8_e4m3fn : at::ScalarType::Float8_e5m2);
-  const at::ScalarType scale_dtype =
-      k_id == kFP8 ? at::kFloat : (k_id == kMX ? at::kByte : at::ScalarType::Float8_e4m3fn);
-  const auto opts = x_in.options();
-  at::Tensor data = at::empty({R, packed ? K / 2 : K}, opts.dtype(data_dtype));
-  at::Tensor scale = at::empty({R / br, K / bk}, opts.dtype(scale_dtype));
-  at::Tensor global_scale = at::ones({}, opts.dtype(at::kFloat));
-  if (R * K == 0) return {data, scale, global_scale};
+cudaError_t launch_nvfp4_global_scale(const float* given, const uint32_t* reduced, float* s_enc, cudaStream_t stream) {
+  nvfp4_global_scale_kernel<<<1, 1, 0, stream>>>(given, reduced, s_enc);
+  return launch_status();
+}
 
-  at::Tensor x = aligned_contiguous(x_in);
-  if (hadamard_block) {
-    x = hadamard_transform(x, hadamard_block, true, (uint64_t)seed, false);
-    in = kInF32;
-  }
-
-  const bool row_block = br == 1 && bk % 8 == 0 && is_pow2(bk / 8) && bk / 8 <= 32;
-  const int V = largest_vector(bk);
-
-  QuantArgs a;
-  a.x = x.data_ptr();
-  a.R = R;
-  a.K = K;
-  a.br = br;
-  a.bk = bk;
-  a.s_enc = nullptr;
-  a.mode = mode;
-  a.seed = (uint64_t)seed;
-  a.inner = inner;
-  a.data = reinterpret_cast<uint8_t*>(data.data_ptr());
-  a.scale = scale.data_ptr();
-  a.stream = stream;
-
-  if (k_id == kNVFP4) {
-    at::Tensor ga;
-    at::Tensor reduced;
-    if (global_amax.has_value()) {
-      ga = global_amax->to(at::kFloat).contiguous();
+cudaError_t launch_quantize(const QuantizeLaunch& a, cudaStream_t stream) {
+  if (a.kind == kKindFP8) {
+    if (a.elem == kElemE4M3) {
+      quant_round<E4M3, kFP8>(a, stream);
     } else {
-      reduced = at::zeros({1}, opts.dtype(at::kInt));
-      tile_amax(in, a.x, R, K, R, K, largest_vector(K), reinterpret_cast<uint32_t*>(reduced.data_ptr<int32_t>()),
-                stream);
+      quant_round<E5M2, kFP8>(a, stream);
     }
-    nvfp4_global_scale_kernel<<<1, 1, 0, stream>>>(
-        ga.defined() ? ga.data_ptr<float>() : nullptr,
-        reduced.defined() ? reinterpret_cast<const uint32_t*>(reduced.data_ptr<int32_t>()) : nullptr,
-        global_scale.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    a.s_enc = global_scale.data_ptr<float>();
-  }
-
-  at::Tensor amax;
-  const uint32_t* amax_bits = nullptr;
-  if (!row_block) {
-    amax = at::zeros({(R / br) * (K / bk)}, opts.dtype(at::kInt));
-    tile_amax(in, a.x, R, K, br, bk, V, reinterpret_cast<uint32_t*>(amax.data_ptr<int32_t>()), stream);
-    amax_bits = reinterpret_cast<const uint32_t*>(amax.data_ptr<int32_t>());
-  }
-
-  if (k_id == kFP8) {
-    if (elem == "e4m3") {
-      run_quant_round<E4M3, kFP8>(in, stochastic, a, row_block, V, amax_bits);
+  } else if (a.kind == kKindMX) {
+    if (a.elem == kElemE4M3) {
+      quant_round<E4M3, kMX>(a, stream);
+    } else if (a.elem == kElemE5M2) {
+      quant_round<E5M2, kMX>(a, stream);
     } else {
-      run_quant_round<E5M2, kFP8>(in, stochastic, a, row_block, V, amax_bits);
-    }
-  } else if (k_id == kMX) {
-    if (elem == "e4m3") {
-      run_quant_round<E4M3, kMX>(in, stochastic, a, row_block, V, amax_bits);
-    } else if (elem == "e5m2") {
-      run_quant_round<E5M2, kMX>(in, stochastic, a, row_block, V, amax_bits);
-    } else {
-      run_quant_round<E2M1, kMX>(in, stochastic, a, row_block, V, amax_bits);
+      quant_round<E2M1, kMX>(a, stream);
     }
   } else {
-    run_quant_round<E2M1, kNVFP4>(in, stochastic, a, row_block, V, amax_bits);
+    quant_round<E2M1, kNVFP4>(a, stream);
   }
-  return {data, scale, global_scale};
+  return launch_status();
 }
 
 }  // namespace cuda
