@@ -167,6 +167,16 @@ inline void encode_rne(const float* __restrict x, int64_t n, float p, float gs, 
   for (; k < n; ++k) out[k] = (uint8_t)round_code_rne<T>(f32_bits(scaled_value<KIND>(x[k], p, gs)));
 }
 
+// E4M3 code -> fp32, built once.
+inline const float* e4m3_table() {
+  static const std::vector<float> table = [] {
+    std::vector<float> t(256);
+    for (uint32_t c = 0; c < 256; ++c) t[c] = decode<lowbit::E4M3>(c);
+    return t;
+  }();
+  return table.data();
+}
+
 // Scale of a block from its amax: stores it at scales[idx], returns the per-element factor p.
 template <class T, int KIND>
 inline float block_param(float amax, int mode, float gs, void* scales, int64_t idx) {
@@ -181,7 +191,7 @@ inline float block_param(float amax, int mode, float gs, void* scales, int64_t i
   } else {
     const uint32_t code = nvfp4_block_scale_code(amax, gs);
     static_cast<uint8_t*>(scales)[idx] = (uint8_t)code;
-    return decode<lowbit::E4M3>(code);
+    return e4m3_table()[code];
   }
 }
 
@@ -196,13 +206,39 @@ struct QArgs {
   float norm;
 };
 
+// The blocks of one fp32 row r; BK is the block width when known at compile time (0: a.bk).
+template <class T, int KIND, bool SR, int BK>
+inline void row_blocks(const float* xr, int64_t r, const QArgs& a, const float* params, void* scales,
+                       const uint32_t* rb, uint8_t* codes) {
+  const int64_t bk = BK ? BK : a.bk, nK = a.K / bk;
+  const bool fused = a.br == 1;
+  const float gs = a.gs;
+  for (int64_t c = 0; c < nK; ++c) {
+    const float* __restrict xb = xr + c * bk;
+    uint8_t* __restrict cb = codes + c * bk;
+    float p;
+    if (fused) {
+      uint32_t acc = 0;
+      for (int64_t k = 0; k < bk; ++k) acc = umax32(acc, f32_bits(xb[k]) & kF32AbsMask);
+      p = block_param<T, KIND>(amax_finalize(acc), a.mode, gs, scales, r * nK + c);
+    } else {
+      p = params[(r / a.br) * nK + c];
+    }
+    if (SR) {
+      const uint32_t* __restrict rr = rb + c * bk;
+      for (int64_t k = 0; k < bk; ++k) cb[k] = (uint8_t)encode<T, true>(scaled_value<KIND>(xb[k], p, gs), rr[k]);
+    } else {
+      encode_rne<T, KIND>(xb, bk, p, gs, cb);
+    }
+  }
+}
+
 // One pass over the rows. With br == 1 each block's amax and scale are computed here (fused),
 // otherwise params holds the per-block factor computed from the tile amax beforehand.
 template <class T, int KIND, bool SR, class In>
 void quantize_rows(const In* x, const QArgs& a, const float* params, void* scales, uint8_t* out) {
   constexpr bool kPacked = T::kBits == 4;
-  const int64_t K = a.K, bk = a.bk, nK = K / bk;
-  const bool fused = a.br == 1;
+  const int64_t K = a.K, bk = a.bk;
 #pragma omp parallel
   {
     std::vector<float> xbuf((std::is_same<In, float>::value && a.hblock == 0) ? 0 : (size_t)K);
@@ -220,25 +256,10 @@ void quantize_rows(const In* x, const QArgs& a, const float* params, void* scale
       }
       const uint32_t* rb = SR ? row_bits(a.seed, r, K, a.inner, rscratch) : nullptr;
       uint8_t* codes = kPacked ? cbuf.data() : out + r * K;
-      for (int64_t c = 0; c < nK; ++c) {
-        const float* __restrict xb = xr + c * bk;
-        uint8_t* __restrict cb = codes + c * bk;
-        float p;
-        if (fused) {
-          uint32_t acc = 0;
-          for (int64_t k = 0; k < bk; ++k) acc = umax32(acc, f32_bits(xb[k]) & kF32AbsMask);
-          p = block_param<T, KIND>(amax_finalize(acc), a.mode, a.gs, scales, r * nK + c);
-        } else {
-          p = params[(r / a.br) * nK + c];
-        }
-        const float gs = a.gs;
-        if (SR) {
-          const uint32_t* __restrict rr = rb + c * bk;
-          for (int64_t k = 0; k < bk; ++k) cb[k] = (uint8_t)encode<T, true>(scaled_value<KIND>(xb[k], p, gs), rr[k]);
-        } else {
-          encode_rne<T, KIND>(xb, bk, p, gs, cb);
-        }
-      }
+      // Compile-time widths for the MX / NVFP4 blocks, so their short loops unroll.
+      if (bk == 16) row_blocks<T, KIND, SR, 16>(xr, r, a, params, scales, rb, codes);
+      else if (bk == 32) row_blocks<T, KIND, SR, 32>(xr, r, a, params, scales, rb, codes);
+      else row_blocks<T, KIND, SR, 0>(xr, r, a, params, scales, rb, codes);
       if (kPacked) {
         uint8_t* __restrict o = out + r * (K / 2);
         const uint8_t* __restrict cs = codes;
