@@ -75,6 +75,8 @@ def quantize(x, fmt, block, rounding, seed, scale_mode, global_amax, hadamard_bl
         raise ValueError(f"rounding: expected 'nearest' or 'stochastic', got {rounding!r}")
     if fmt.kind not in ("fp8", "mx", "nvfp4"):
         raise ValueError(f"fmt: unsupported kind {fmt.kind!r}")
+    if scale_mode not in ("exact", "floor", "rceil"):
+        raise ValueError(f"scale_mode: expected 'exact', 'floor' or 'rceil', got {scale_mode!r}")
     from . import _quantize
 
     return _quantize.quantize(x, fmt, tuple(block), rounding, seed, scale_mode, global_amax, hadamard_block, inner)
