@@ -31,9 +31,8 @@ def _hadamard_pass(x_ptr, y_ptr, n_lines, seed, norm, MID: tl.constexpr, LOG_MID
     y = load_fp32(x_ptr, offs, mask, BF16)
     if SIGNS_FIRST:
         y = y * tl.where(hadamard_negative(seed, offs % BLOCK), -1.0, 1.0)
-    for stage in tl.static_range(LOG_MID):
-        H: tl.constexpr = 1 << stage
-        t = tl.permute(tl.reshape(y, (MID // (2 * H), 2, H, LINES)), (0, 2, 3, 1))
+    for stage in tl.static_range(LOG_MID):  # h = 2^stage pairs y[j] with y[j + h]
+        t = tl.permute(tl.reshape(y, (MID >> (stage + 1), 2, 1 << stage, LINES)), (0, 2, 3, 1))
         a, c = tl.split(t)
         t = tl.permute(tl.join(a + c, a - c), (0, 3, 1, 2))
         y = tl.reshape(t, (MID, LINES))
