@@ -99,6 +99,68 @@ def test_outputs_are_new_tensors():
         assert out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
 
 
+_COMPILE_SCRIPT = r"""
+import re, sys
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from lowbit.backends.triton import _amax, _cast, _dequantize, _hadamard, _quantize
+
+P32, PI, PU8, PI16 = "*fp32", "*i32", "*u8", "*i16"
+E4M3, E2M1 = (3, 7, 0x7E, 0x7E, 0x7F, 7), (1, 1, 7, 7, 0, 3)
+CODE = ("MBITS", "BIAS", "MAX_CODE", "INF_CODE", "NAN_CODE", "SIGN_SHIFT")
+KERNELS = [
+    (_cast._cast_kernel, dict(x_ptr=P32, out_ptr=PU8, n="i32", seed="i64"),
+     dict(STOCHASTIC=True, **dict(zip(CODE, E4M3)), WIDE=False, BF16=False, BLOCK=1024)),
+    (_hadamard._hadamard_pass, dict(x_ptr=PI16, y_ptr=P32, n_lines="i32", seed="i64", norm="fp32"),
+     dict(MID=256, LOG_MID=8, LOW=1, BLOCK=256, LINES=16, SIGNS_FIRST=True, SIGNS_LAST=False, NORM=True, BF16=True)),
+    (_hadamard._hadamard_pass, dict(x_ptr=P32, y_ptr=P32, n_lines="i32", seed="i64", norm="fp32"),
+     dict(MID=128, LOG_MID=7, LOW=256, BLOCK=32768, LINES=32, SIGNS_FIRST=False, SIGNS_LAST=True, NORM=True, BF16=False)),
+    (_amax._amax_tiles_kernel, dict(x_ptr=P32, amax_ptr=PI, R="i32", K="i32", nbr="i32", nbk="i32", n_blocks="i32"),
+     dict(BR=16, BK=16, NR=2, NK=8, TOTAL=True, BF16=False)),
+    (_amax._amax_slab_kernel, dict(x_ptr=P32, amax_ptr=PI, R="i32", K="i32", br="i32", bk="i32", nbk="i32",
+                                   n_blocks="i32"), dict(TR=16, TK=256, TOTAL=True, BF16=False)),
+] + [
+    (_quantize._scale_kernel, dict(amax_ptr=PI, gamax_ptr=P32, scale_ptr=P32 if kind == 0 else PU8, factor_ptr=P32,
+                                   gs_ptr=P32, n_blocks="i32"),
+     dict(KIND=kind, MODE=mode, ELEM_MAX=448.0, EMAX=8, HAS_GLOBAL=kind == 2, LANES=256))
+    for kind, mode in ((0, 2), (1, 2), (2, 0))
+] + [
+    (_quantize._encode_kernel, dict(v_ptr=P32, factor_ptr=P32, gs_ptr=P32, out_ptr=PU8, R="i32", K="i32", br="i32",
+                                    bk="i32", nbk="i32", inner="i32", seed="i64"),
+     dict(KIND=kind, STOCHASTIC=True, **dict(zip(CODE, elem)), PACKED=elem == E2M1, BF16=False, TR=16, TK=128))
+    for kind, elem in ((0, E4M3), (1, E2M1), (2, E2M1))
+] + [
+    (_dequantize._dequantize_kernel, dict(data_ptr=PU8, scale_ptr=PU8, gs_ptr=P32, out_ptr=P32, R="i32", K="i32",
+                                          br="i32", bk="i32", nbk="i32"),
+     dict(KIND=2, EBITS=2, MBITS=1, BIAS=1, PACKED=True, TR=16, TK=128)),
+]
+bad = []
+for fn, args, consts in KERNELS:
+    sig = dict(args, **{k: "constexpr" for k in consts})
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                            options={"enable_fp_fusion": False})
+    ptx = kernel.asm["ptx"]
+    for pattern in (r"\.ftz\b", r"\bdiv\.(full|approx)", r"\bfma\.", r"\b(ld|st)\.local\b"):
+        if re.search(pattern, ptx):
+            bad.append(f"{fn.__name__}: {pattern}")
+print("compiled", len(KERNELS))
+sys.exit("; ".join(bad) if bad else 0)
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_cuda_with_ieee_arithmetic():
+    """Every kernel compiles to sm_90 PTX (no GPU needed) with no flush-to-zero, approximate division,
+    fused multiply-add or register spills: the interpreter accepts code the CUDA compiler does not."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-1000:]
+    assert "compiled" in res.stdout
+
+
 # ----------------------------------------------------------------------------- random bits
 @triton.jit
 def _bits_kernel(idx_ptr, out_ptr, n, seed, SIGNS: tl.constexpr, BLOCK: tl.constexpr):
