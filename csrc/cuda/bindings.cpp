@@ -171,18 +171,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x_in, 
   at::Tensor global_scale = at::ones({}, opts.dtype(at::kFloat));
   if (R * K == 0) return {data, scale, global_scale};
 
+  const bool row_block = br == 1 && bk % 8 == 0 && is_pow2(bk / 8) && bk / 8 <= 32;
+  // The row-block kernel applies a Hadamard transform of up to 256 values itself; larger ones,
+  // and NVFP4 without global_amax (its per-tensor amax is over the transformed values), first
+  // write the transformed tensor.
+  const bool fused_hadamard = hadamard_block && row_block && hadamard_block <= 256 &&
+                              !(k_id == kKindNVFP4 && !global_amax.has_value());
   at::Tensor x = aligned_contiguous(x_in);
-  if (hadamard_block) {
+  at::Tensor sign_words;
+  if (hadamard_block && !fused_hadamard) {
     x = hadamard_transform(x, hadamard_block, true, (uint64_t)seed, false);
     in = kInF32;
   }
 
   QuantizeLaunch a{};
+  if (fused_hadamard) {
+    sign_words = at::empty({(hadamard_block + 31) / 32}, opts.dtype(at::kInt));
+    C10_CUDA_CHECK(launch_hadamard_signs(u32(sign_words), (int)hadamard_block, (uint64_t)seed, stream));
+    a.hadamard_block = (int)hadamard_block;
+    a.hadamard_signs = u32(sign_words);
+  }
   a.in = in;
   a.kind = k_id;
   a.elem = e_id;
   a.stochastic = stochastic;
-  a.row_block = br == 1 && bk % 8 == 0 && is_pow2(bk / 8) && bk / 8 <= 32;
+  a.row_block = row_block;
   a.V = vector_width(bk);
   a.x = x.data_ptr();
   a.R = R;

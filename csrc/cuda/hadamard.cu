@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "common.cuh"
+#include "fwht.cuh"
 
 namespace lowbit {
 namespace cuda {
@@ -25,16 +26,6 @@ __global__ void hadamard_signs_kernel(uint32_t* words, int block, uint64_t seed)
     if (j < block) bits |= (hadamard_sign_word(seed, (uint32_t)j) >> 31) << b;
   }
   words[w] = bits;
-}
-
-template <int E>
-__device__ __forceinline__ void apply_signs(float (&v)[E], const uint32_t* signs, int j0) {
-#pragma unroll
-  for (int e = 0; e < E; ++e) {
-    const int j = j0 + e;
-    const bool neg = (signs[j >> 5] >> (j & 31)) & 1u;
-    v[e] = mul_rn(v[e], neg ? -1.0f : 1.0f);
-  }
 }
 
 // Threads per transform block T = B / E. T <= 32: several transform blocks per warp, one thread
@@ -68,31 +59,9 @@ __global__ void __launch_bounds__(kMaxHadamardThreads)
 #pragma unroll
     for (int e = 0; e < E; ++e) v[e] = 0.0f;
   }
-  if (!inverse && signs != nullptr && valid) apply_signs<E>(v, signs, j0);
-
-  // Stages inside the thread's E elements.
-#pragma unroll
-  for (int h = 1; h < E; h <<= 1) {
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-      if ((e & h) == 0) {
-        const float a = v[e], c = v[e + h];
-        v[e] = add_rn(a, c);
-        v[e + h] = sub_rn(a, c);
-      }
-    }
-  }
-  // Stages whose partner thread is in the same warp (lane ^ h / E). In every butterfly the lower
-  // index keeps a + c and the upper one a - c (a the lower, c the upper value).
-  for (int h = E; h < B && h < 32 * E; h <<= 1) {
-    const int lm = h / E;
-    const bool upper = (t & lm) != 0;
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-      const float o = __shfl_xor_sync(0xffffffffu, v[e], lm);
-      v[e] = upper ? sub_rn(o, v[e]) : add_rn(v[e], o);
-    }
-  }
+  if (!inverse && signs != nullptr && valid) fwht_signs<E>(v, signs, j0);
+  fwht_thread_stages<E>(v);
+  fwht_warp_stages<E>(v, t, B);
   // Stages across warps (only when T > 32, where the whole thread block is one transform block).
   for (int h = 32 * E; h < B; h <<= 1) {
     const int lm = h / E;
@@ -110,10 +79,9 @@ __global__ void __launch_bounds__(kMaxHadamardThreads)
       for (int c = 0; c < CH; ++c) v[e0 + c] = upper ? sub_rn(o[c], v[e0 + c]) : add_rn(v[e0 + c], o[c]);
     }
   }
-#pragma unroll
-  for (int e = 0; e < E; ++e) v[e] = mul_rn(v[e], norm);
+  fwht_scale<E>(v, norm);
   if (!valid) return;
-  if (inverse && signs != nullptr) apply_signs<E>(v, signs, j0);
+  if (inverse && signs != nullptr) fwht_signs<E>(v, signs, j0);
   Pack<float, E> out;
 #pragma unroll
   for (int e = 0; e < E; ++e) out.v[e] = v[e];
@@ -153,14 +121,18 @@ void dispatch(const void* x, float* y, int64_t nblocks, int B, const uint32_t* s
 
 }  // namespace
 
+cudaError_t launch_hadamard_signs(uint32_t* sign_words, int B, uint64_t seed, cudaStream_t stream) {
+  const int nwords = (B + 31) / 32;
+  hadamard_signs_kernel<<<(unsigned)ceil_div(nwords, 128), 128, 0, stream>>>(sign_words, B, seed);
+  return launch_status();
+}
+
 cudaError_t launch_hadamard(int in, const void* x, float* y, int64_t nblocks, int B, bool with_signs, uint64_t seed,
                             bool inverse, uint32_t* sign_words, cudaStream_t stream) {
-  // fp32(1/sqrt(B)), rounded from the double quotient exactly as ref.hadamard_norm does.
-  const float norm = (float)(1.0 / std::sqrt((double)B));
+  const float norm = fwht_norm(B);
   const uint32_t* signs = nullptr;
   if (with_signs) {
-    const int nwords = (B + 31) / 32;
-    hadamard_signs_kernel<<<(unsigned)ceil_div(nwords, 128), 128, 0, stream>>>(sign_words, B, seed);
+    launch_hadamard_signs(sign_words, B, seed, stream);
     signs = sign_words;
   }
   switch (in) {

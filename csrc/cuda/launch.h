@@ -20,6 +20,9 @@ enum Elem : int { kElemE4M3 = 0, kElemE5M2 = 1, kElemE2M1 = 2, kElemBF16 = 3, kE
 cudaError_t launch_hadamard(int in, const void* x, float* y, int64_t nblocks, int B, bool with_signs, uint64_t seed,
                             bool inverse, uint32_t* sign_words, cudaStream_t stream);
 
+// sign_words[w] bit b = 1 iff the Hadamard sign s_(32 w + b) of `seed` is -1 (B / 32 words, at least 1).
+cudaError_t launch_hadamard_signs(uint32_t* sign_words, int B, uint64_t seed, cudaStream_t stream);
+
 // amax_bits[tile] = max(amax_bits[tile], max over the (br, bk) tile of |x| as fp32 bits); x [R, K].
 // V: elements per vector load, dividing bk.
 cudaError_t launch_tile_amax(int in, const void* x, int64_t R, int64_t K, int64_t br, int64_t bk, int V,
@@ -42,6 +45,10 @@ struct QuantizeLaunch {
   int mode;                   // ScaleMode of formats.h
   uint64_t seed;
   int64_t inner;
+  // Fused random Hadamard transform of the rows (row_block only, 16 <= hadamard_block <= 256):
+  // x is the untransformed input; 0 means none (or already applied by launch_hadamard).
+  int hadamard_block;
+  const uint32_t* hadamard_signs;  // launch_hadamard_signs words for hadamard_block
   uint8_t* data;  // codes [R, K] (FP8) or packed [R, K / 2] (FP4)
   void* scale;    // [R / br, K / bk]: fp32 (FP8), E8M0 bytes (MX), E4M3 codes (NVFP4)
 };

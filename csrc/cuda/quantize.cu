@@ -13,6 +13,7 @@
 #include <algorithm>
 
 #include "common.cuh"
+#include "fwht.cuh"
 
 namespace lowbit {
 namespace cuda {
@@ -149,12 +150,15 @@ __device__ __forceinline__ void round_store(const float (&f)[V], float factor, f
 
 // ------------------------------------------------------------------------------ row-block kernel
 // br = 1, bk = 8 * G. Chunk c (8 elements) belongs to block c / G; whole warps run every
-// iteration so the G-lane shuffles always have all their lanes.
+// iteration so the G-lane shuffles always have all their lanes. With hb > 0 the rows are first
+// transformed in place by the random Hadamard transform of block hb <= 256 (hb / 8 lanes per
+// transform block), with the same operations as hadamard.cu.
 template <int IN, class T, int KIND, bool STOCH>
 __global__ void __launch_bounds__(kThreads)
     row_block_quant_kernel(const typename InTraits<IN>::Storage* __restrict__ x, int64_t R, int64_t K, int G,
                            const float* __restrict__ s_enc_ptr, int mode, uint64_t seed, int64_t inner,
-                           uint8_t* __restrict__ data, void* __restrict__ scale) {
+                           uint8_t* __restrict__ data, void* __restrict__ scale, int hb,
+                           const uint32_t* __restrict__ signs, float norm) {
   constexpr int V = 8;
   const int64_t chunks_per_row = K / V;
   const int64_t total = R * chunks_per_row;
@@ -170,6 +174,13 @@ __global__ void __launch_bounds__(kThreads)
     } else {
 #pragma unroll
       for (int j = 0; j < V; ++j) f[j] = 0.0f;
+    }
+    if (hb) {
+      const int j0 = (int)(((c % chunks_per_row) * V) % hb);
+      fwht_signs<V>(f, signs, j0);
+      fwht_thread_stages<V>(f);
+      fwht_warp_stages<V>(f, j0 / V, hb);
+      fwht_scale<V>(f, norm);
     }
     uint32_t m = 0;
 #pragma unroll
@@ -240,7 +251,7 @@ void quant(const QuantizeLaunch& a, cudaStream_t stream) {
   if (a.row_block) {
     row_block_quant_kernel<IN, T, KIND, STOCH><<<grid_for(a.R * (a.K / 8)), kThreads, 0, stream>>>(
         reinterpret_cast<const S*>(a.x), a.R, a.K, (int)(a.bk / 8), a.s_enc, a.mode, a.seed, a.inner, a.data,
-        a.scale);
+        a.scale, a.hadamard_block, a.hadamard_signs, a.hadamard_block ? fwht_norm(a.hadamard_block) : 1.0f);
     return;
   }
   if constexpr (KIND != kFP8) {  // MX / NVFP4 tiles are 16 or 32 wide: V = 8
