@@ -1,0 +1,508 @@
+"""Stable-SPAM and SPAM: Adam with spike-aware gradient clipping and momentum reset.
+
+Both keep their moments through `lowbit.optim.state` (fp32, bf16 with stochastic rounding,
+fp8 E4M3/E5M2 per 1x128 block, int8 block-wise dynamic), compute in fp32, and skip a tensor
+whose gradient holds NaN or Inf (counted in ``optimizer.stats["nonfinite_skipped"]``; its
+moments, statistics and weights are left untouched).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch.optim import Optimizer
+
+from . import state as S
+
+_INF = float("inf")
+
+
+# ---- argument checks and bookkeeping shared with classp.py ----
+def check_nonneg(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_unit(value, name: str) -> float:
+    """A decay factor in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}: expected a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def check_betas(betas) -> tuple:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
+    return check_unit(betas[0], "betas[0]"), check_unit(betas[1], "betas[1]")
+
+
+def check_interval(value, name: str, allow_none: bool = True):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}: expected an int >= 1{' or None' if allow_none else ''}, got {value!r}")
+    return int(value)
+
+
+def check_params(optimizer: Optimizer) -> None:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.is_complex():
+                raise TypeError(f"params: complex parameters are not supported (got {p.dtype}); "
+                                "optimize torch.view_as_real(param) instead")
+            if not p.is_floating_point():
+                raise TypeError(f"params: expected floating-point parameters, got {p.dtype}")
+
+
+def check_grad(p: torch.Tensor) -> torch.Tensor:
+    g = p.grad
+    if g.is_sparse:
+        raise TypeError("grad: sparse gradients are not supported (use dense gradients, e.g. "
+                        "nn.Embedding(sparse=False))")
+    if g.is_complex() or p.is_complex():
+        raise TypeError(f"params: complex parameters are not supported (got {p.dtype})")
+    return g
+
+
+def new_stats() -> dict:
+    return {"steps": 0, "nonfinite_skipped": 0, "clipped": 0, "resets": 0}
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+# =============================================================================================
+# Stable-SPAM
+# =============================================================================================
+class StableSPAM(Optimizer):
+    r"""Stable-SPAM (Huang et al., 2025, "Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit Adam").
+
+    For each tensor with gradient g at global step T (per-tensor statistics step k):
+
+    * AdaClip: ``M_k = theta M_{k-1} + (1 - theta) max|g|``, ``M^ = M_k / (1 - theta^k)``;
+      entries with ``|g| > M^`` are multiplied by ``M^ / max|g|`` (a rescale, as in the paper).
+    * AdaGN on the clipped g: ``mu_k = g1 mu + (1 - g1) ||g||``, ``nu_k = gamma2 nu + (1 - gamma2) ||g||^2``,
+      ``g <- g * (mu^ / (sqrt(nu^) + eps)) / ||g||`` with bias-corrected mu^, nu^ (g unchanged when ||g|| = 0).
+    * Momentum reset every ``reset_interval`` global steps.
+    * Optional cosine schedule: with ``total_steps`` set, beta1 and gamma1 are multiplied by
+      ``s(T) = eta_min + (1 - eta_min)(1 + cos(pi T / total_steps)) / 2`` (so g1 = gamma1 s(T)).
+    * Adam with decoupled weight decay:
+      ``p <- p (1 - lr wd) - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)``.
+
+    Default (clean) mode, which differs from the official code where the official code is
+    inexact, in the quirks listed below:
+
+    * The AdaClip / AdaGN statistics count their own steps k, never reset (their EMAs are
+      never reset either); the Adam moments count j, the steps since the last reset.
+    * At a reset step the moments are zeroed *before* that step's update, so the step is a
+      clean Adam restart on the current gradient (bias corrections for j = 1).
+    * Bias corrections under the cosine schedule use the product of the factors actually
+      applied (``1 - prod g1_i``, ``1 - prod beta1_i``), the exact correction of an EMA whose
+      factor varies.
+    * The cosine reaches eta_min at ``total_steps`` and stays there.
+    * ``p.grad`` is never modified.
+
+    ``compat="official"`` reproduces the authors' code (StableSPAM repository,
+    ``galore_torch/stablespam.py``) including its quirks:
+
+    1. One per-tensor counter k serves AdaClip, AdaGN and Adam, and the reset sets it to 1
+       without resetting ``M``, ``mu``, ``nu``. After a reset the statistics are therefore
+       divided by ``1 - theta^k`` with a small k although the EMAs are warm: ``M^`` is inflated
+       about 500x right after a reset (theta = 0.999), i.e. AdaClip is effectively off for
+       hundreds of steps after every reset.
+    2. The reset replaces the stored moments by zeros, but the reset step itself still updates
+       the *old* moment tensors and uses them with the k = 1 bias corrections ``1 - beta1``,
+       ``1 - beta2``; the new zeros are first used at the following step (with k = 2).
+    3. Under the cosine schedule the bias corrections use the current factor to the power k
+       (``1 - (gamma1 s(T))^k``, ``1 - (beta1 s(T))^k``), not the product of the factors applied.
+    4. The cosine comes from ``CosineAnnealingLR(T_max=total_steps + 1)`` evaluated at T, so it
+       reaches eta_min at ``total_steps + 1`` and then rises again (it is periodic), returning to
+       1 at ``2 (total_steps + 1)``.
+    5. Entries clipped by AdaClip are written back into ``p.grad`` (the caller sees the clipped
+       gradient after ``step()``).
+    6. Bias corrections use k (per tensor) while the reset and the cosine use the global step T;
+       a tensor that had no gradient on some step lags (this holds in both modes).
+
+    Both modes keep the scalar statistics in Python floats (float64); the official code keeps
+    them as fp32 tensors, which differs in the last bits of fp32. Both modes skip tensors with
+    non-finite gradients (the official code would write NaN into the moments).
+
+    ``foreach=True`` (default) batches the elementwise work with ``torch._foreach_*`` ops and
+    is bit-exact with ``foreach=False`` in fp32 state; it synchronises with the host twice per
+    step (per-tensor max and norm), the per-tensor path twice per tensor.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, gamma1=0.7,
+                 gamma2=0.9, theta=0.999, reset_interval=1000, total_steps=None, eta_min=0.5,
+                 state_dtype="fp32", compat=None, foreach=True, seed=0):
+        lr = check_nonneg(lr, "lr")
+        betas = check_betas(betas)
+        eps = check_nonneg(eps, "eps")
+        weight_decay = check_nonneg(weight_decay, "weight_decay")
+        gamma1 = check_unit(gamma1, "gamma1")
+        gamma2 = check_unit(gamma2, "gamma2")
+        theta = check_unit(theta, "theta")
+        reset_interval = check_interval(reset_interval, "reset_interval")
+        total_steps = check_interval(total_steps, "total_steps")
+        if isinstance(eta_min, bool) or not isinstance(eta_min, numbers.Real) or not 0.0 <= eta_min <= 1.0:
+            raise ValueError(f"eta_min: expected a number in [0, 1], got {eta_min!r}")
+        S.check_state_dtype(state_dtype)
+        if compat not in (None, "official"):
+            raise ValueError(f"compat: expected None or 'official', got {compat!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, gamma1=gamma1, gamma2=gamma2,
+                        theta=theta, reset_interval=reset_interval, total_steps=total_steps,
+                        eta_min=float(eta_min), global_step=0)
+        super().__init__(params, defaults)
+        check_params(self)
+        self.state_dtype = state_dtype
+        self.compat = compat
+        self.foreach = bool(foreach)
+        self.seed = seed
+        self.stats = new_stats()
+
+    # ---- schedule -------------------------------------------------------------------------
+    def _scale(self, group, T: int) -> float:
+        total = group["total_steps"]
+        if total is None:
+            return 1.0
+        eta = group["eta_min"]
+        if self.compat == "official":
+            return eta + (1.0 - eta) * (1.0 + math.cos(math.pi * T / (total + 1))) / 2.0
+        return eta + (1.0 - eta) * (1.0 + math.cos(math.pi * min(T, total) / total)) / 2.0
+
+    # ---- per-tensor scalar statistics (shared by both paths) ------------------------------
+    def _init_state(self, st, p):
+        st["step"] = 0
+        st["clip_max"] = 0.0
+        st["norm_mean"] = 0.0
+        st["norm_sq_mean"] = 0.0
+        if self.compat != "official":
+            st["moment_step"] = 0
+            st["gamma1_prod"] = 1.0
+            st["beta1_prod"] = 1.0
+        S.init_moment(st, "exp_avg", p, self.state_dtype)
+        S.init_moment(st, "exp_avg_sq", p, self.state_dtype)
+
+    def _clip_scalars(self, st, group, amax: float):
+        """Advance k and M; -> (clip?, threshold M^, ratio M^ / max|g|)."""
+        theta = group["theta"]
+        st["step"] += 1
+        k = st["step"]
+        st["clip_max"] = theta * st["clip_max"] + (1.0 - theta) * amax
+        mhat = st["clip_max"] / (1.0 - theta ** k)
+        clip = amax > mhat
+        return clip, mhat, (mhat / amax if clip else 1.0)
+
+    def _norm_factor(self, st, group, s: float, norm: float) -> float:
+        """Advance mu, nu; -> the AdaGN multiplier mu^ / (sqrt(nu^) + eps) / ||g||."""
+        g1 = group["gamma1"] * s
+        g2 = group["gamma2"]
+        k = st["step"]
+        st["norm_mean"] = g1 * st["norm_mean"] + (1.0 - g1) * norm
+        st["norm_sq_mean"] = g2 * st["norm_sq_mean"] + (1.0 - g2) * norm * norm
+        if self.compat == "official":
+            mu_hat = st["norm_mean"] / (1.0 - g1 ** k)
+        else:
+            st["gamma1_prod"] *= g1
+            mu_hat = st["norm_mean"] / (1.0 - st["gamma1_prod"])
+        nu_hat = st["norm_sq_mean"] / (1.0 - g2 ** k)
+        c = mu_hat / (math.sqrt(nu_hat) + group["eps"])
+        return c / norm if norm > 0 else 1.0
+
+    def _adam_scalars(self, st, group, s: float, reset: bool):
+        """-> (beta1 used, zero moments before the update?, zero them after?, bc1, bc2)."""
+        beta1 = group["betas"][0] * s
+        beta2 = group["betas"][1]
+        if self.compat == "official":
+            if reset:
+                st["step"] = 1
+            k = st["step"]
+            return beta1, False, reset, 1.0 - beta1 ** k, 1.0 - beta2 ** k
+        if reset:
+            st["moment_step"] = 0
+            st["beta1_prod"] = 1.0
+        st["moment_step"] += 1
+        st["beta1_prod"] *= beta1
+        return beta1, reset, False, 1.0 - st["beta1_prod"], 1.0 - beta2 ** st["moment_step"]
+
+    # ---- step -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        for group in self.param_groups:
+            group["global_step"] += 1
+            T = group["global_step"]
+            s = self._scale(group, T)
+            interval = group["reset_interval"]
+            reset = interval is not None and T % interval == 0
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                check_grad(p)
+            if reset:
+                self.stats["resets"] += 1
+            if not params:
+                continue
+            if self.foreach:
+                self._step_foreach(group, params, index, T, s, reset)
+            else:
+                for p in params:
+                    self._step_one(group, p, index[p], T, s, reset)
+        self.stats["steps"] += 1
+        return loss
+
+    def _moments(self, st, p):
+        m = S.load_moment(st, "exp_avg", p.shape, self.state_dtype)
+        v = S.load_moment(st, "exp_avg_sq", p.shape, self.state_dtype)
+        return m, v
+
+    def _store(self, st, p, m, v, idx, T, zero_after):
+        if zero_after:
+            m.zero_()
+            v.zero_()
+        S.store_moment(st, "exp_avg", m, self.state_dtype, S.sr_seed(self.seed, T, idx, 0))
+        S.store_moment(st, "exp_avg_sq", v, self.state_dtype, S.sr_seed(self.seed, T, idx, 1))
+
+    def _step_one(self, group, p, idx, T, s, reset):
+        g = p.grad
+        amax = torch.linalg.vector_norm(g, _INF).item()
+        if not _finite(amax):
+            self.stats["nonfinite_skipped"] += 1
+            return
+        st = self.state[p]
+        if "step" not in st:
+            self._init_state(st, p)
+        g = g.to(torch.float32)
+        clip, mhat, ratio = self._clip_scalars(st, group, amax)
+        if clip:
+            mask = g.abs() > mhat
+            g = torch.where(mask, g * ratio, g)
+            self.stats["clipped"] += int(mask.sum())
+            if self.compat == "official":
+                p.grad.copy_(g)
+        norm = torch.linalg.vector_norm(g).item()
+        g = g * self._norm_factor(st, group, s, norm)
+        beta1, zero_before, zero_after, bc1, bc2 = self._adam_scalars(st, group, s, reset)
+        beta2 = group["betas"][1]
+        m, v = self._moments(st, p)
+        if zero_before:
+            m.zero_()
+            v.zero_()
+        m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        denom = v.sqrt().div_(math.sqrt(bc2)).add_(group["eps"])
+        if group["weight_decay"]:
+            p.mul_(1.0 - group["lr"] * group["weight_decay"])
+        p.addcdiv_(m, denom, value=-group["lr"] / bc1)
+        self._store(st, p, m, v, idx, T, zero_after)
+
+    def _step_foreach(self, group, params, index, T, s, reset):
+        grads = [p.grad for p in params]
+        amaxes = torch.stack(torch._foreach_norm(grads, _INF)).tolist()
+        keep = [i for i, a in enumerate(amaxes) if _finite(a)]
+        self.stats["nonfinite_skipped"] += len(params) - len(keep)
+        if not keep:
+            return
+        params = [params[i] for i in keep]
+        grads = [grads[i].to(torch.float32) for i in keep]
+        amaxes = [amaxes[i] for i in keep]
+        states = []
+        for p in params:
+            st = self.state[p]
+            if "step" not in st:
+                self._init_state(st, p)
+            states.append(st)
+
+        # AdaClip, only on the tensors whose max exceeds their threshold
+        clip_at, mhats, ratios = [], [], []
+        for i, (st, a) in enumerate(zip(states, amaxes)):
+            clip, mhat, ratio = self._clip_scalars(st, group, a)
+            if clip:
+                clip_at.append(i)
+                mhats.append(mhat)
+                ratios.append(ratio)
+        if clip_at:
+            sub = [grads[i] for i in clip_at]
+            # mask in {0, 1}: sign(|g| - M^) clamped at 0 (|g| - M^ > 0 exactly when |g| > M^)
+            mask = torch._foreach_abs(sub)
+            torch._foreach_sub_(mask, mhats)
+            torch._foreach_sign_(mask)
+            torch._foreach_clamp_min_(mask, 0.0)
+            # mask * (g * r) + (1 - mask) * g: every term is exact, so this equals where(mask, g r, g)
+            scaled = torch._foreach_mul(sub, ratios)
+            torch._foreach_mul_(scaled, mask)
+            self.stats["clipped"] += int(round(sum(torch.stack(torch._foreach_norm(mask, 1)).tolist())))
+            torch._foreach_mul_(mask, -1.0)
+            torch._foreach_add_(mask, 1.0)
+            torch._foreach_mul_(mask, sub)
+            torch._foreach_add_(scaled, mask)
+            for j, i in enumerate(clip_at):
+                grads[i] = scaled[j]
+            if self.compat == "official":
+                torch._foreach_copy_([params[i].grad for i in clip_at], scaled)
+
+        # AdaGN
+        norms = torch.stack(torch._foreach_norm(grads, 2)).tolist()
+        factors = [self._norm_factor(st, group, s, n) for st, n in zip(states, norms)]
+        grads = torch._foreach_mul(grads, factors)
+
+        # Adam
+        beta2 = group["betas"][1]
+        beta1 = None
+        zero_before, zero_after, bc1s, bc2s = [], [], [], []
+        for st in states:
+            beta1, zb, za, bc1, bc2 = self._adam_scalars(st, group, s, reset)
+            zero_before.append(zb)
+            zero_after.append(za)
+            bc1s.append(-group["lr"] / bc1)
+            bc2s.append(math.sqrt(bc2))
+        ms, vs = [], []
+        for st, p in zip(states, params):
+            m, v = self._moments(st, p)
+            ms.append(m)
+            vs.append(v)
+        if any(zero_before):
+            torch._foreach_zero_(ms)
+            torch._foreach_zero_(vs)
+        torch._foreach_mul_(ms, beta1)
+        torch._foreach_add_(ms, grads, alpha=1.0 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, grads, grads, value=1.0 - beta2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, bc2s)
+        torch._foreach_add_(denom, group["eps"])
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+        torch._foreach_addcdiv_(params, ms, denom, bc1s)
+        for st, p, m, v, za in zip(states, params, ms, vs, zero_after):
+            self._store(st, p, m, v, index[p], T, za)
+
+    def state_bytes(self) -> int:
+        """Bytes of tensors held in the optimizer state (see `lowbit.optim.state`)."""
+        return S.measured_state_bytes(self)
+
+
+# =============================================================================================
+# SPAM
+# =============================================================================================
+class SPAM(Optimizer):
+    r"""SPAM (Huang et al., 2025, "SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training").
+
+    Per tensor at global step T (per-tensor step k, never reset, as in the paper and code):
+
+    * Momentum reset: every ``reset_interval`` steps m and v are zeroed before the update.
+    * Warm-up: from a reset on, the update is scaled by
+      ``w(t) = 1 - 0.99 (1 + cos(pi t / (warmup_steps + 1))) / 2`` for ``t < warmup_steps``
+      (t = steps since the reset, 0 at the reset step; w(0) = 0.01), and 1 afterwards and
+      before the first reset.
+    * Spike-aware clipping: entries with ``g^2 > theta v`` (v the stored second moment before
+      this step) are set to ``sign(g) sqrt(theta v)``; not applied while fewer than
+      ``clip_delay`` steps have passed since the start or the last reset (v is still small).
+    * Adam: ``p <- p - lr w(t) sqrt(1 - beta2^k) / (1 - beta1^k) * m / (sqrt(v) + eps)``, then
+      decoupled weight decay ``p <- p (1 - lr wd)``.
+
+    Differences from the official code (``galore_torch/SPAM.py``): there the reset interval
+    is only read from parameter groups that carry a GaLore-style ``density``; otherwise it stays
+    1e9 and the momentum is never reset. Here ``reset_interval`` always applies. The official
+    code's sparse-momentum (``density``) mode is not provided.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, theta=5000.0,
+                 reset_interval=500, warmup_steps=150, clip_delay=20, state_dtype="fp32", seed=0):
+        lr = check_nonneg(lr, "lr")
+        betas = check_betas(betas)
+        eps = check_nonneg(eps, "eps")
+        weight_decay = check_nonneg(weight_decay, "weight_decay")
+        theta = check_nonneg(theta, "theta")
+        reset_interval = check_interval(reset_interval, "reset_interval")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps: expected an int >= 0, got {warmup_steps!r}")
+        if isinstance(clip_delay, bool) or not isinstance(clip_delay, numbers.Integral) or clip_delay < 0:
+            raise ValueError(f"clip_delay: expected an int >= 0, got {clip_delay!r}")
+        S.check_state_dtype(state_dtype)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, theta=theta,
+                        reset_interval=reset_interval, warmup_steps=int(warmup_steps), clip_delay=int(clip_delay),
+                        global_step=0)
+        super().__init__(params, defaults)
+        check_params(self)
+        self.state_dtype = state_dtype
+        self.seed = seed
+        self.stats = new_stats()
+
+    @staticmethod
+    def warmup_factor(T: int, reset_interval, warmup_steps: int) -> float:
+        if reset_interval is None or T < reset_interval:
+            return 1.0
+        t = T % reset_interval
+        if t >= warmup_steps:
+            return 1.0
+        return 1.0 - 0.99 * (1.0 + math.cos(math.pi * t / (warmup_steps + 1))) / 2.0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        for group in self.param_groups:
+            group["global_step"] += 1
+            T = group["global_step"]
+            interval = group["reset_interval"]
+            reset = interval is not None and T % interval == 0
+            if reset:
+                self.stats["resets"] += 1
+            since = T if interval is None or T < interval else T % interval
+            clip_on = group["theta"] > 0 and T >= group["clip_delay"] and since >= group["clip_delay"]
+            w = self.warmup_factor(T, interval, group["warmup_steps"])
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = check_grad(p)
+                if not _finite(torch.linalg.vector_norm(g, _INF).item()):
+                    self.stats["nonfinite_skipped"] += 1
+                    continue
+                g = g.to(torch.float32)
+                st = self.state[p]
+                if "step" not in st:
+                    st["step"] = 0
+                    S.init_moment(st, "exp_avg", p, self.state_dtype)
+                    S.init_moment(st, "exp_avg_sq", p, self.state_dtype)
+                m = S.load_moment(st, "exp_avg", p.shape, self.state_dtype)
+                v = S.load_moment(st, "exp_avg_sq", p.shape, self.state_dtype)
+                if reset:
+                    m.zero_()
+                    v.zero_()
+                st["step"] += 1
+                k = st["step"]
+                if clip_on:
+                    bound = v * group["theta"]
+                    mask = g * g > bound
+                    n = int(mask.sum())
+                    if n:
+                        g = torch.where(mask, torch.copysign(bound.sqrt_(), g), g)
+                        self.stats["clipped"] += n
+                m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+                denom = v.sqrt().add_(group["eps"])
+                step_size = group["lr"] * math.sqrt(1.0 - beta2 ** k) / (1.0 - beta1 ** k)
+                p.addcdiv_(m, denom, value=-step_size * w)
+                if group["weight_decay"]:
+                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
+                i = index[p]
+                S.store_moment(st, "exp_avg", m, self.state_dtype, S.sr_seed(self.seed, T, i, 0))
+                S.store_moment(st, "exp_avg_sq", v, self.state_dtype, S.sr_seed(self.seed, T, i, 1))
+        self.stats["steps"] += 1
+        return loss
+
+    def state_bytes(self) -> int:
+        return S.measured_state_bytes(self)

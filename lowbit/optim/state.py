@@ -1,0 +1,192 @@
+"""Low-precision storage of optimizer moments.
+
+A moment lives in the optimizer's per-parameter state under its name (``exp_avg``,
+``exp_avg_sq``) plus, for the scaled formats, a companion ``<name>_scale`` tensor, so
+``state_dict()`` / ``load_state_dict()`` round-trip it unchanged. The optimizer always does
+its arithmetic in fp32: it ``load``s a moment, updates it, and ``store``s it back.
+
+state_dtype
+  ``"fp32"``  plain fp32 tensor, updated in place (no load / store copies).
+  ``"bf16"``  bf16 tensor; each store is a stochastic rounding of the fp32 value with
+              ``lowbit.stochastic_round`` and a seed that differs per step, tensor and moment,
+              so the rounding error averages out over steps instead of biasing the moment.
+  ``"fp8"``   first moment E4M3, second moment E5M2 (the split of "Scaling FP8 training to
+              trillion-token LLMs": the second moment needs range more than precision), one fp32
+              scale per 1 x 128 block of the flattened tensor (zero padded to the block), encoded
+              by ``lowbit.quantize`` with round-to-nearest.
+  ``"int8"``  block-wise dynamic quantization as in bitsandbytes' 8-bit optimizers: one fp32
+              absmax per block of 256 elements, each element normalised by it and rounded to the
+              nearest entry of a 256-entry "dynamic" code book (a decimal exponent of 10^-6..10^0
+              followed by a linear fraction; signed for the first moment, unsigned for the second).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+STATE_DTYPES = ("fp32", "bf16", "fp8", "int8")
+FP8_BLOCK = 128
+INT8_BLOCK = 256
+_FP8_FORMAT = {"exp_avg": "fp8_e4m3", "exp_avg_sq": "fp8_e5m2"}
+_SIGNED = {"exp_avg": True, "exp_avg_sq": False}
+
+
+def check_state_dtype(state_dtype) -> str:
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f"state_dtype: expected one of {STATE_DTYPES}, got {state_dtype!r}")
+    return state_dtype
+
+
+def state_bytes_per_param(state_dtype: str, n_moments: int = 2) -> float:
+    """Bytes of moment storage per parameter element (scales included, padding excluded)."""
+    check_state_dtype(state_dtype)
+    per_moment = {
+        "fp32": 4.0,
+        "bf16": 2.0,
+        "fp8": 1.0 + 4.0 / FP8_BLOCK,
+        "int8": 1.0 + 4.0 / INT8_BLOCK,
+    }[state_dtype]
+    return n_moments * per_moment
+
+
+def measured_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes actually held by tensors in ``optimizer.state`` (padding of the last block included)."""
+    total = 0
+    for st in optimizer.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                total += v.numel() * v.element_size()
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 dynamic code book
+# ---------------------------------------------------------------------------------------------
+def dynamic_codebook(signed: bool) -> torch.Tensor:
+    """The 256 sorted code values in [-1, 1] (signed) or [0, 1] (unsigned).
+
+    Decade i (i = 0..6) covers magnitudes 10^(i-6) * [0.1, 1]: its fraction part is the
+    midpoints of a uniform split of [0.1, 1] into 2^i pieces (signed, each sign) or 2^(i+1)
+    pieces (unsigned, which spends the sign bit on precision). 0 and 1 complete the 256.
+    """
+    values = [0.0, 1.0]
+    for i in range(7):
+        pieces = 2 ** i if signed else 2 ** (i + 1)
+        edges = [0.1 + 0.9 * j / pieces for j in range(pieces + 1)]
+        mids = [(edges[j] + edges[j + 1]) / 2 for j in range(pieces)]
+        decade = 10.0 ** (i - 6)
+        values += [decade * m for m in mids]
+        if signed:
+            values += [-decade * m for m in mids]
+    assert len(values) == 256
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+_CODEBOOKS: dict = {}
+
+
+def _codebook(signed: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (signed, str(device))
+    if key not in _CODEBOOKS:
+        code = dynamic_codebook(signed).to(device)
+        _CODEBOOKS[key] = (code, (code[1:] + code[:-1]) / 2)
+    return _CODEBOOKS[key]
+
+
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    flat = x.reshape(-1).to(torch.float32)
+    pad = (-flat.numel()) % block
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, block)
+
+
+def int8_encode(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (uint8 codes [nblocks, 256], fp32 absmax [nblocks])."""
+    xb = _blocks(x, INT8_BLOCK)
+    absmax = xb.abs().amax(dim=1)
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    code, mids = _codebook(signed, x.device)
+    normed = (xb / safe[:, None]).clamp_(-1.0 if signed else 0.0, 1.0)
+    idx = torch.bucketize(normed, mids)
+    return idx.to(torch.uint8), absmax
+
+
+def int8_decode(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, shape) -> torch.Tensor:
+    code, _ = _codebook(signed, codes.device)
+    vals = code[codes.long()] * absmax[:, None]
+    n = math.prod(shape)
+    return vals.reshape(-1)[:n].reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8 per-block
+# ---------------------------------------------------------------------------------------------
+def fp8_encode(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..ops import quantize
+
+    q = quantize(_blocks(x, FP8_BLOCK), fmt, block=(1, FP8_BLOCK))
+    return q.data, q.scale
+
+
+def fp8_decode(data: torch.Tensor, scale: torch.Tensor, fmt: str, shape) -> torch.Tensor:
+    from ..formats import get_format
+    from ..ops import dequantize
+    from ..qtensor import QTensor
+
+    q = QTensor(data, scale, None, get_format(fmt), data.shape, 1, (1, FP8_BLOCK))
+    n = math.prod(shape)
+    return dequantize(q).reshape(-1)[:n].reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# the interface the optimizers use
+# ---------------------------------------------------------------------------------------------
+def init_moment(state: dict, name: str, param: torch.Tensor, state_dtype: str) -> None:
+    zeros = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.contiguous_format)
+    if state_dtype == "fp32":
+        state[name] = zeros
+    elif state_dtype == "bf16":
+        state[name] = zeros.to(torch.bfloat16)
+    else:
+        store_moment(state, name, zeros, state_dtype, seed=0)
+
+
+def load_moment(state: dict, name: str, shape, state_dtype: str) -> torch.Tensor:
+    """The moment as fp32 of `shape`; for "fp32" the stored tensor itself (update it in place)."""
+    if state_dtype == "fp32":
+        return state[name]
+    if state_dtype == "bf16":
+        return state[name].to(torch.float32)
+    if state_dtype == "fp8":
+        return fp8_decode(state[name], state[name + "_scale"], _FP8_FORMAT[name], shape)
+    return int8_decode(state[name], state[name + "_scale"], _SIGNED[name], shape)
+
+
+def store_moment(state: dict, name: str, x: torch.Tensor, state_dtype: str, seed: int) -> None:
+    if state_dtype == "fp32":
+        if state.get(name) is not x:
+            state[name] = x
+    elif state_dtype == "bf16":
+        from ..ops import stochastic_round
+
+        state[name] = stochastic_round(x.contiguous(), torch.bfloat16, seed)
+    elif state_dtype == "fp8":
+        state[name], state[name + "_scale"] = fp8_encode(x, _FP8_FORMAT[name])
+    else:
+        state[name], state[name + "_scale"] = int8_encode(x, _SIGNED[name])
+
+
+def zero_moment(state: dict, name: str, shape, state_dtype: str, device) -> None:
+    if state_dtype == "fp32":
+        state[name].zero_()
+    elif state_dtype == "bf16":
+        state[name].zero_()
+    else:
+        store_moment(state, name, torch.zeros(shape, dtype=torch.float32, device=device), state_dtype, seed=0)
+
+
+def sr_seed(base_seed: int, step: int, index: int, moment: int) -> int:
+    """A distinct stochastic-rounding seed per (step, tensor index, moment)."""
+    return ((base_seed * 1_000_003 + step) * 1_048_583 + 2 * index + moment) % (2 ** 63)
