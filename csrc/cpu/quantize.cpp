@@ -18,6 +18,17 @@ namespace {
 
 enum Kind : int { kFP8 = 0, kMX = 1, kNV = 2 };
 
+struct QArgs {
+  int64_t R, K, br, bk;
+  int mode;
+  float gs;
+  uint64_t seed;
+  int64_t inner;
+  int64_t hblock;  // fused Hadamard block (row blocks or tensor-wise), 0 = none
+  const float* signs;
+  float norm;
+};
+
 // |x| as an fp32 bit pattern, straight from the storage type.
 template <class In>
 inline uint32_t abs_bits(In v);
@@ -76,6 +87,24 @@ void tile_amax(const In* x, int64_t R, int64_t K, int64_t br, int64_t bk, uint32
       }
     }
   }
+}
+
+// Tensor amax after the Hadamard transform, transforming each row again in a buffer rather
+// than writing the transformed tensor out (the row pass transforms it a second time).
+template <class In>
+float tensor_amax_transformed(const In* x, const QArgs& a) {
+  uint32_t acc = 0;
+#pragma omp parallel reduction(max : acc)
+  {
+    std::vector<float> buf((size_t)a.K);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < a.R; ++r) {
+      load_row<In>(x + r * a.K, buf.data(), a.K);
+      hadamard_row(buf.data(), a.K, a.hblock, a.signs, a.norm, false);
+      acc = umax32(acc, amax_bits<float>(buf.data(), a.K));
+    }
+  }
+  return amax_finalize(acc);
 }
 
 // Philox words r(seed, i) for i in [base, base + n), contiguous. Returns a pointer into scratch.
@@ -195,16 +224,6 @@ inline float block_param(float amax, int mode, float gs, void* scales, int64_t i
   }
 }
 
-struct QArgs {
-  int64_t R, K, br, bk;
-  int mode;
-  float gs;
-  uint64_t seed;
-  int64_t inner;
-  int64_t hblock;  // fused Hadamard block (br == 1 only), 0 = none
-  const float* signs;
-  float norm;
-};
 
 // The blocks of one fp32 row r; BK is the block width when known at compile time (0: a.bk).
 template <class T, int KIND, bool SR, int BK>
@@ -274,16 +293,18 @@ void quantize_typed(const In* x, const QArgs& a0, const c10::optional<float>& gl
                     uint8_t* out, float* gs_out) {
   QArgs a = a0;
   const int64_t nR = a.R / a.br, nK = a.K / a.bk;
+  auto amax_all = [&] { return a.hblock ? tensor_amax_transformed<In>(x, a) : tensor_amax<In>(x, a.R, a.K); };
   if (KIND == kNV) {
-    a.gs = nvfp4_global_scale(global_amax.has_value() ? *global_amax : tensor_amax<In>(x, a.R, a.K));
+    a.gs = nvfp4_global_scale(global_amax.has_value() ? *global_amax : amax_all());
   }
   *gs_out = a.gs;
   std::vector<float> params;
   if (a.br != 1) {
     std::vector<uint32_t> amax((size_t)(nR * nK));
     if (nR == 1 && nK == 1) {
-      amax[0] = f32_bits(tensor_amax<In>(x, a.R, a.K));
+      amax[0] = f32_bits(amax_all());
     } else {
+      TORCH_CHECK(a.hblock == 0, "quantize: internal error: tile amax of a transformed tensor");
       tile_amax<In>(x, a.R, a.K, a.br, a.bk, amax.data());
     }
     params.resize(amax.size());
@@ -399,12 +420,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x_in, 
   if (hadamard_block) {
     signs = hadamard_signs(hadamard_block, seed);
     a.norm = hadamard_norm(hadamard_block);
-    const bool needs_tensor_amax = (kind == kNV && !ga.has_value());
-    if (br == 1 && !needs_tensor_amax) {
-      a.hblock = hadamard_block;  // fused: each row is transformed in the row pass
+    if (br == 1 || (br == R && bk == K)) {
+      a.hblock = hadamard_block;  // fused: rows are transformed in the amax and row passes
       a.signs = signs.data();
     } else {
-      x = hadamard(x, hadamard_block, seed, false);  // the amax needs the transformed tensor first
+      x = hadamard(x, hadamard_block, seed, false);  // tiles span rows: transform the tensor first
     }
   }
   void* sp = scale.data_ptr();

@@ -9,9 +9,7 @@
 
 #include "lowbit/rng.h"
 
-#ifndef __CUDACC__
-#include <string.h>
-#endif
+#include <string.h>  // memcpy: host-side bit casts (device code uses __float_as_uint)
 
 namespace lowbit {
 
@@ -299,7 +297,7 @@ LOWBIT_HD uint32_t nvfp4_block_scale_code(float amax_blk, float s_enc) {
     t = t < 0.015625f ? 0.015625f : t;
     t = t > 448.0f ? 448.0f : t;
   }
-  return round_code_bits<E4M3, false>(f32_bits(t), 0u);
+  return round_code_rne<E4M3>(f32_bits(t));
 }
 
 }  // namespace lowbit
