@@ -8,6 +8,7 @@ import triton.language as tl
 from ._rounding import ELEMENT_CODES, as_kernel_input, load_fp32, random_bits, round_to_code
 
 BLOCK = 1024
+BLOCK_INTERPRETED = 16384  # the interpreter runs programs one after another: fewer, larger ones
 
 
 @triton.jit
@@ -34,6 +35,7 @@ def cast(x: torch.Tensor, elem_name: str, dtype: torch.dtype, rounding: str, see
     out = torch.empty(x.shape, dtype=torch.int16 if wide else torch.uint8, device=x.device)
     n = x.numel()
     if n:
-        _cast_kernel[(triton.cdiv(n, BLOCK),)](xk, out, n, seed, rounding == "stochastic", *ELEMENT_CODES[elem_name],
-                                               wide, bf16, BLOCK, enable_fp_fusion=False)
+        block = BLOCK if x.is_cuda else BLOCK_INTERPRETED
+        _cast_kernel[(triton.cdiv(n, block),)](xk, out, n, seed, rounding == "stochastic", *ELEMENT_CODES[elem_name],
+                                               wide, bf16, block, enable_fp_fusion=False)
     return out.view(dtype)
