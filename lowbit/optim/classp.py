@@ -8,12 +8,13 @@ import numbers
 import torch
 from torch.optim import Optimizer
 
+from .state import ExactStateLoad, compute_dtype
 from .stable_spam import check_grad, check_nonneg, check_params, new_stats
 
 _INF = float("inf")
 
 
-class CLASSP(Optimizer):
+class CLASSP(ExactStateLoad, Optimizer):
     r"""Generalised AdaGrad decay with a gradient threshold.
 
     For every weight w_i with gradient g_i, only where ``g_i^2 > threshold``:
@@ -63,10 +64,10 @@ class CLASSP(Optimizer):
                 if not math.isfinite(torch.linalg.vector_norm(g, _INF).item()):
                     self.stats["nonfinite_skipped"] += 1
                     continue
-                g = g.to(torch.float32)
+                g = g.to(compute_dtype(w))
                 st = self.state[w]
                 if "sum" not in st:
-                    st["sum"] = torch.zeros_like(w, dtype=torch.float32, memory_format=torch.contiguous_format)
+                    st["sum"] = torch.zeros_like(w, dtype=compute_dtype(w), memory_format=torch.contiguous_format)
                 mask = g * g > group["threshold"]
                 a = g.abs()
                 st["sum"].add_(torch.where(mask, a if power == 1.0 else a.pow(power), 0.0))

@@ -77,7 +77,7 @@ def _finite(x: float) -> bool:
 # =============================================================================================
 # Stable-SPAM
 # =============================================================================================
-class StableSPAM(Optimizer):
+class StableSPAM(S.ExactStateLoad, Optimizer):
     r"""Stable-SPAM (Huang et al., 2025, "Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit Adam").
 
     For each tensor with gradient g at global step T (per-tensor statistics step k):
@@ -280,7 +280,7 @@ class StableSPAM(Optimizer):
         st = self.state[p]
         if "step" not in st:
             self._init_state(st, p)
-        g = g.to(torch.float32)
+        g = g.to(S.compute_dtype(p))
         clip, mhat, ratio = self._clip_scalars(st, group, amax)
         if clip:
             mask = g.abs() > mhat
@@ -312,7 +312,7 @@ class StableSPAM(Optimizer):
         if not keep:
             return
         params = [params[i] for i in keep]
-        grads = [grads[i].to(torch.float32) for i in keep]
+        grads = [grads[i].to(S.compute_dtype(p)) for i, p in zip(keep, params)]
         amaxes = [amaxes[i] for i in keep]
         states = []
         for p in params:
@@ -393,7 +393,7 @@ class StableSPAM(Optimizer):
 # =============================================================================================
 # SPAM
 # =============================================================================================
-class SPAM(Optimizer):
+class SPAM(S.ExactStateLoad, Optimizer):
     r"""SPAM (Huang et al., 2025, "SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training").
 
     Per tensor at global step T (per-tensor step k, never reset, as in the paper and code):
@@ -471,7 +471,7 @@ class SPAM(Optimizer):
                 if not _finite(torch.linalg.vector_norm(g, _INF).item()):
                     self.stats["nonfinite_skipped"] += 1
                     continue
-                g = g.to(torch.float32)
+                g = g.to(S.compute_dtype(p))
                 st = self.state[p]
                 if "step" not in st:
                     st["step"] = 0

@@ -2,8 +2,9 @@
 
 A moment lives in the optimizer's per-parameter state under its name (``exp_avg``,
 ``exp_avg_sq``) plus, for the scaled formats, a companion ``<name>_scale`` tensor, so
-``state_dict()`` / ``load_state_dict()`` round-trip it unchanged. The optimizer always does
-its arithmetic in fp32: it ``load``s a moment, updates it, and ``store``s it back.
+``state_dict()`` / ``load_state_dict()`` round-trip it unchanged. The optimizer does its
+arithmetic in fp32 (fp64 for fp64 parameters): it ``load``s a moment, updates it, and
+``store``s it back.
 
 state_dtype
   ``"fp32"``  plain fp32 tensor, updated in place (no load / store copies).
@@ -143,14 +144,20 @@ def fp8_decode(data: torch.Tensor, scale: torch.Tensor, fmt: str, shape) -> torc
 # ---------------------------------------------------------------------------------------------
 # the interface the optimizers use
 # ---------------------------------------------------------------------------------------------
+def compute_dtype(param: torch.Tensor) -> torch.dtype:
+    """The optimizers compute in fp32, or in fp64 for fp64 parameters."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
 def init_moment(state: dict, name: str, param: torch.Tensor, state_dtype: str) -> None:
-    zeros = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.contiguous_format)
+    """Zero moment. "fp32" state of an fp64 parameter is kept in fp64 (full precision)."""
+    zeros = torch.zeros_like(param, dtype=compute_dtype(param), memory_format=torch.contiguous_format)
     if state_dtype == "fp32":
         state[name] = zeros
     elif state_dtype == "bf16":
         state[name] = zeros.to(torch.bfloat16)
     else:
-        store_moment(state, name, zeros, state_dtype, seed=0)
+        store_moment(state, name, zeros.float(), state_dtype, seed=0)
 
 
 def load_moment(state: dict, name: str, shape, state_dtype: str) -> torch.Tensor:
@@ -178,13 +185,24 @@ def store_moment(state: dict, name: str, x: torch.Tensor, state_dtype: str, seed
         state[name], state[name + "_scale"] = int8_encode(x, _SIGNED[name])
 
 
-def zero_moment(state: dict, name: str, shape, state_dtype: str, device) -> None:
-    if state_dtype == "fp32":
-        state[name].zero_()
-    elif state_dtype == "bf16":
-        state[name].zero_()
-    else:
-        store_moment(state, name, torch.zeros(shape, dtype=torch.float32, device=device), state_dtype, seed=0)
+class ExactStateLoad:
+    """Mixin: ``load_state_dict`` keeps the stored dtypes of state tensors.
+
+    ``torch.optim.Optimizer.load_state_dict`` casts every floating-point state tensor to the
+    parameter's dtype, which would turn bf16 / float8 moments into fp32 and round fp32 block
+    scales to a bf16 parameter's dtype. The saved tensors are put back as they were (moved to
+    the parameter's device).
+    """
+
+    def load_state_dict(self, state_dict):
+        saved = {pid: {k: v for k, v in st.items() if isinstance(v, torch.Tensor)}
+                 for pid, st in state_dict["state"].items()}
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            for k, v in saved.get(pid, {}).items():
+                self.state[p][k] = v.to(device=p.device, copy=True)
 
 
 def sr_seed(base_seed: int, step: int, index: int, moment: int) -> int:
