@@ -7,7 +7,7 @@
 #
 # Environment: LOWBIT_CUDA_ARCHS ("90a;100a"), CUDA_HOME (/usr/local/cuda), JOBS (nproc),
 # CUDA_CHECK_VENV (.venv-cuda), CUDA_CHECK_TORCH (torch==2.14.1), CUDA_CHECK_LINK (1; 0 skips
-# the link and import step).
+# the link and import step), CUDA_CHECK_SO (a path: keep the linked module there).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -146,5 +146,6 @@ EOF
         echo "  FAIL  import"; sed 's/^/        /' "$OBJ/import.log"; exit 1
     fi
     echo "  ok    link + import ($(tail -1 "$OBJ/import.log"))"
+    if [ -n "${CUDA_CHECK_SO:-}" ]; then cp "$so" "$CUDA_CHECK_SO"; echo "  kept  $CUDA_CHECK_SO"; fi
 fi
 echo "cuda_check: passed in $(( $(date +%s) - start )) s"
