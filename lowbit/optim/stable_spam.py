@@ -260,9 +260,7 @@ class StableSPAM(S.ExactStateLoad, Optimizer):
         return loss
 
     def _moments(self, st, p):
-        m = S.load_moment(st, "exp_avg", p.shape, self.state_dtype)
-        v = S.load_moment(st, "exp_avg_sq", p.shape, self.state_dtype)
-        return m, v
+        return S.load_moments(st, p.shape, self.state_dtype)
 
     def _store(self, st, p, m, v, idx, T, zero_after):
         if zero_after:
@@ -409,10 +407,16 @@ class SPAM(S.ExactStateLoad, Optimizer):
     * Adam: ``p <- p - lr w(t) sqrt(1 - beta2^k) / (1 - beta1^k) * m / (sqrt(v) + eps)``, then
       decoupled weight decay ``p <- p (1 - lr wd)``.
 
-    Differences from the official code (``galore_torch/SPAM.py``): there the reset interval
-    is only read from parameter groups that carry a GaLore-style ``density``; otherwise it stays
-    1e9 and the momentum is never reset. Here ``reset_interval`` always applies. The official
-    code's sparse-momentum (``density``) mode is not provided.
+    Differences from the official code (``galore_torch/SPAM.py``):
+
+    * There the reset interval is only read from parameter groups that carry a GaLore-style
+      ``density``; otherwise it stays 1e9 and the momentum is never reset. Here
+      ``reset_interval`` always applies.
+    * Entries with ``v = 0`` (no gradient seen yet, or a second moment that underflowed in
+      int8 / fp8 storage) are not clipped. The official test ``g^2 > theta * 0`` clips them to
+      ``sign(g) * 0``, so an entry whose gradient stayed zero past ``clip_delay`` steps (an
+      unused embedding row) never moves again.
+    * The sparse-momentum (``density``) mode is not provided.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, theta=5000.0,
@@ -477,8 +481,7 @@ class SPAM(S.ExactStateLoad, Optimizer):
                     st["step"] = 0
                     S.init_moment(st, "exp_avg", p, self.state_dtype)
                     S.init_moment(st, "exp_avg_sq", p, self.state_dtype)
-                m = S.load_moment(st, "exp_avg", p.shape, self.state_dtype)
-                v = S.load_moment(st, "exp_avg_sq", p.shape, self.state_dtype)
+                m, v = S.load_moments(st, p.shape, self.state_dtype)
                 if reset:
                     m.zero_()
                     v.zero_()
@@ -486,7 +489,7 @@ class SPAM(S.ExactStateLoad, Optimizer):
                 k = st["step"]
                 if clip_on:
                     bound = v * group["theta"]
-                    mask = g * g > bound
+                    mask = (g * g > bound) & (v > 0)
                     n = int(mask.sum())
                     if n:
                         g = torch.where(mask, torch.copysign(bound.sqrt_(), g), g)

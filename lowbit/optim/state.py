@@ -171,6 +171,22 @@ def load_moment(state: dict, name: str, shape, state_dtype: str) -> torch.Tensor
     return int8_decode(state[name], state[name + "_scale"], _SIGNED[name], shape)
 
 
+def load_moments(state: dict, shape, state_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exp_avg, exp_avg_sq) as fp32 (the stored tensors themselves for "fp32").
+
+    For the block-scaled formats an element whose second moment decodes to zero gets a zero
+    first moment: exactly, v = 0 implies m = 0, but the second moment spans the square of the
+    first one's dynamic range, so an element with a gradient ~1e-4 of its block's largest
+    underflows in v (int8's smallest code is ~3e-7 of the block maximum) while m survives, and
+    m / (sqrt(0) + eps) would be a huge step.
+    """
+    m = load_moment(state, "exp_avg", shape, state_dtype)
+    v = load_moment(state, "exp_avg_sq", shape, state_dtype)
+    if state_dtype in ("fp8", "int8"):
+        m.masked_fill_(v == 0, 0.0)
+    return m, v
+
+
 def store_moment(state: dict, name: str, x: torch.Tensor, state_dtype: str, seed: int) -> None:
     if state_dtype == "fp32":
         if state.get(name) is not x:
