@@ -296,7 +296,7 @@ def test_state_dict_round_trip_continues_identically(state_dtype):
                 assert v.dtype == opt2.state[b][k].dtype and torch.equal(v, opt2.state[b][k]), k
 
 
-def test_zero_gradient_leaves_direction_undefined_but_finite():
+def test_zero_gradient_does_not_move_weights():
     p = torch.nn.Parameter(torch.ones(4))
     opt = StableSPAM([p], lr=0.1)
     p.grad = torch.zeros(4)
