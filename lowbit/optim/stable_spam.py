@@ -133,6 +133,12 @@ class StableSPAM(S.ExactStateLoad, Optimizer):
     ``foreach=True`` (default) batches the elementwise work with ``torch._foreach_*`` ops and
     is bit-exact with ``foreach=False`` in fp32 state; it synchronises with the host twice per
     step (per-tensor max and norm), the per-tensor path twice per tensor.
+
+    ``state_dtype`` selects the moment storage ("fp32", "bf16", "fp8", "int8"; see
+    `lowbit.optim.state`); ``seed`` seeds the bf16 stochastic rounding (one stream per step,
+    tensor and moment, so runs are reproducible and resume identically from a state_dict).
+    ``optimizer.stats`` counts steps, tensors skipped for non-finite gradients, gradient
+    entries clipped by AdaClip and momentum resets.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, gamma1=0.7,
