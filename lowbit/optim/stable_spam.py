@@ -137,13 +137,16 @@ class StableSPAM(S.ExactStateLoad, Optimizer):
     ``state_dtype`` selects the moment storage ("fp32", "bf16", "fp8", "int8"; see
     `lowbit.optim.state`); ``seed`` seeds the bf16 stochastic rounding (one stream per step,
     tensor and moment, so runs are reproducible and resume identically from a state_dict).
+    ``param_rounding="stochastic"`` keeps bf16 / fp16 parameters as the master weights: the
+    new value is computed in fp32 and stochastically rounded on store, so updates smaller than
+    half a bf16 ulp still move the weights in expectation (with "nearest" they are lost).
     ``optimizer.stats`` counts steps, tensors skipped for non-finite gradients, gradient
     entries clipped by AdaClip and momentum resets.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, gamma1=0.7,
                  gamma2=0.9, theta=0.999, reset_interval=1000, total_steps=None, eta_min=0.5,
-                 state_dtype="fp32", compat=None, foreach=True, seed=0):
+                 state_dtype="fp32", compat=None, foreach=True, seed=0, param_rounding="nearest"):
         lr = check_nonneg(lr, "lr")
         betas = check_betas(betas)
         eps = check_nonneg(eps, "eps")
@@ -168,8 +171,14 @@ class StableSPAM(S.ExactStateLoad, Optimizer):
         self.state_dtype = state_dtype
         self.compat = compat
         self.foreach = bool(foreach)
+        if param_rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"param_rounding: expected 'nearest' or 'stochastic', got {param_rounding!r}")
         self.seed = seed
+        self.param_rounding = param_rounding
         self.stats = new_stats()
+
+    def _sr_param(self, p) -> bool:
+        return self.param_rounding == "stochastic" and p.dtype in (torch.bfloat16, torch.float16)
 
     # ---- schedule -------------------------------------------------------------------------
     def _scale(self, group, T: int) -> float:
@@ -277,7 +286,7 @@ class StableSPAM(S.ExactStateLoad, Optimizer):
 
     def _step_one(self, group, p, idx, T, s, reset):
         g = p.grad
-        amax = torch.linalg.vector_norm(g, _INF).item()
+        amax = torch._foreach_norm([g], _INF)[0].item()
         if not _finite(amax):
             self.stats["nonfinite_skipped"] += 1
             return
@@ -292,7 +301,7 @@ class StableSPAM(S.ExactStateLoad, Optimizer):
             self.stats["clipped"] += int(mask.sum())
             if self.compat == "official":
                 p.grad.copy_(g)
-        norm = torch.linalg.vector_norm(g).item()
+        norm = torch._foreach_norm([g], 2)[0].item()
         g = g * self._norm_factor(st, group, s, norm)
         beta1, zero_before, zero_after, bc1, bc2 = self._adam_scalars(st, group, s, reset)
         beta2 = group["betas"][1]
@@ -303,9 +312,12 @@ class StableSPAM(S.ExactStateLoad, Optimizer):
         m.mul_(beta1).add_(g, alpha=1.0 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         denom = v.sqrt().div_(math.sqrt(bc2)).add_(group["eps"])
+        target = p.float() if self._sr_param(p) else p
         if group["weight_decay"]:
-            p.mul_(1.0 - group["lr"] * group["weight_decay"])
-        p.addcdiv_(m, denom, value=-group["lr"] / bc1)
+            target.mul_(1.0 - group["lr"] * group["weight_decay"])
+        target.addcdiv_(m, denom, value=-group["lr"] / bc1)
+        if target is not p:
+            S.round_param_(p, target, S.sr_seed(self.seed, T, idx, 2))
         self._store(st, p, m, v, idx, T, zero_after)
 
     def _step_foreach(self, group, params, index, T, s, reset):
@@ -383,9 +395,13 @@ class StableSPAM(S.ExactStateLoad, Optimizer):
         denom = torch._foreach_sqrt(vs)
         torch._foreach_div_(denom, bc2s)
         torch._foreach_add_(denom, group["eps"])
+        targets = [p.float() if self._sr_param(p) else p for p in params]
         if group["weight_decay"]:
-            torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
-        torch._foreach_addcdiv_(params, ms, denom, bc1s)
+            torch._foreach_mul_(targets, 1.0 - group["lr"] * group["weight_decay"])
+        torch._foreach_addcdiv_(targets, ms, denom, bc1s)
+        for p, t in zip(params, targets):
+            if t is not p:
+                S.round_param_(p, t, S.sr_seed(self.seed, T, index[p], 2))
         for st, p, m, v, za in zip(states, params, ms, vs, zero_after):
             self._store(st, p, m, v, index[p], T, za)
 

@@ -221,6 +221,14 @@ class ExactStateLoad:
                 self.state[p][k] = v.to(device=p.device, copy=True)
 
 
-def sr_seed(base_seed: int, step: int, index: int, moment: int) -> int:
-    """A distinct stochastic-rounding seed per (step, tensor index, moment)."""
-    return ((base_seed * 1_000_003 + step) * 1_048_583 + 2 * index + moment) % (2 ** 63)
+def sr_seed(base_seed: int, step: int, index: int, stream: int) -> int:
+    """A distinct stochastic-rounding seed per (step, tensor index, stream); streams 0 and 1
+    are the two moments, 2 the parameter itself."""
+    return ((base_seed * 1_000_003 + step) * 1_048_583 + 3 * index + stream) % (2 ** 63)
+
+
+def round_param_(p: torch.Tensor, value: torch.Tensor, seed: int) -> None:
+    """Write fp32 `value` into a bf16 / fp16 parameter with stochastic rounding."""
+    from ..ops import stochastic_round
+
+    p.copy_(stochastic_round(value.contiguous(), p.dtype, seed))

@@ -319,6 +319,7 @@ def test_zero_gradient_does_not_move_weights():
     (dict(eta_min=2.0), ValueError, "eta_min"),
     (dict(state_dtype="fp4"), ValueError, "state_dtype"),
     (dict(compat="v2"), ValueError, "compat"),
+    (dict(param_rounding="up"), ValueError, "param_rounding"),
 ])
 def test_bad_arguments(kw, exc, name):
     with pytest.raises(exc, match="^" + re.escape(name) + ":"):
