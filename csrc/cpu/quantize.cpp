@@ -225,6 +225,33 @@ inline float block_param(float amax, int mode, float gs, void* scales, int64_t i
 }
 
 
+// NVFP4 block scales of n blocks from their amax bits: codes into sc, decoded scales into p.
+// Eight blocks at a time: the per-block scalar work would otherwise cost as much as the
+// 16 elements of the block.
+inline void nv_block_scales(const uint32_t* am, int64_t n, float gs, uint8_t* sc, float* p) {
+  int64_t c = 0;
+#ifdef __AVX2__
+  const float* table = e4m3_table();
+  const __m256 g = _mm256_set1_ps(gs);
+  for (; c + 8 <= n; c += 8) {
+    __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(am + c));
+    const __m256i bad = _mm256_cmpgt_epi32(a, _mm256_set1_epi32((int)kF32Inf - 1));
+    a = _mm256_blendv_epi8(a, _mm256_set1_epi32((int)kF32CanonicalNaN), bad);
+    __m256 t = _mm256_mul_ps(_mm256_div_ps(_mm256_castsi256_ps(a), _mm256_set1_ps(6.0f)), g);
+    // max/min return their second operand when either is NaN, so NaN passes as in torch.clamp
+    t = _mm256_min_ps(_mm256_set1_ps(448.0f), _mm256_max_ps(_mm256_set1_ps(0.015625f), t));
+    const __m256i code = rne_avx2<lowbit::E4M3>(t);
+    store_codes8(code, sc + c);
+    _mm256_storeu_ps(p + c, _mm256_i32gather_ps(table, code, 4));
+  }
+#endif
+  for (; c < n; ++c) {
+    const uint32_t code = nvfp4_block_scale_code(amax_finalize(am[c]), gs);
+    sc[c] = (uint8_t)code;
+    p[c] = e4m3_table()[code];
+  }
+}
+
 // The blocks of one fp32 row r; BK is the block width when known at compile time (0: a.bk).
 template <class T, int KIND, bool SR, int BK>
 inline void row_blocks(const float* xr, int64_t r, const QArgs& a, const float* params, void* scales,
@@ -232,6 +259,33 @@ inline void row_blocks(const float* xr, int64_t r, const QArgs& a, const float* 
   const int64_t bk = BK ? BK : a.bk, nK = a.K / bk;
   const bool fused = a.br == 1;
   const float gs = a.gs;
+  if (KIND == kNV && fused && BK != 0) {
+    constexpr int64_t kChunk = 64;
+    uint32_t am[kChunk];
+    float pc[kChunk];
+    for (int64_t c0 = 0; c0 < nK; c0 += kChunk) {
+      const int64_t m = nK - c0 < kChunk ? nK - c0 : kChunk;
+      for (int64_t j = 0; j < m; ++j) {
+        const float* __restrict xb = xr + (c0 + j) * bk;
+        uint32_t acc = 0;
+        for (int64_t k = 0; k < bk; ++k) acc = umax32(acc, f32_bits(xb[k]) & kF32AbsMask);
+        am[j] = acc;
+      }
+      nv_block_scales(am, m, gs, static_cast<uint8_t*>(scales) + r * nK + c0, pc);
+      for (int64_t j = 0; j < m; ++j) {
+        const int64_t c = c0 + j;
+        if (SR) {
+          const uint32_t* __restrict rr = rb + c * bk;
+          const float* __restrict xb = xr + c * bk;
+          uint8_t* __restrict cb = codes + c * bk;
+          for (int64_t k = 0; k < bk; ++k) cb[k] = (uint8_t)encode<T, true>(scaled_value<KIND>(xb[k], pc[j], gs), rr[k]);
+        } else {
+          encode_rne<T, KIND>(xr + c * bk, bk, pc[j], gs, codes + c * bk);
+        }
+      }
+    }
+    return;
+  }
   for (int64_t c = 0; c < nK; ++c) {
     const float* __restrict xb = xr + c * bk;
     uint8_t* __restrict cb = codes + c * bk;
