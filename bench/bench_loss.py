@@ -9,7 +9,8 @@ Methods, all computing an NLL-family loss of ``hidden @ weight.T`` and the gradi
   fused     lowbit.objectives.fused_linear_sft_loss (chunked, logits never materialised)
   liger     Liger-Kernel's LigerFusedLinearCrossEntropyLoss, where installed
 
-Time: torch.utils.benchmark, one warm-up run then ``--repeat`` single runs; p20/p50/p80 of those.
+Time: bench/harness.py's timer (torch.utils.benchmark), one warm-up run then ``--repeat`` single-call
+samples; p20/p50/p80 of those.
 Peak memory: bytes of tensor storage live at once during the warm-up run, tracked per allocation
 with lowbit.objectives.TensorMemoryTracker (inputs excluded). A configuration whose materialised
 logits would not fit in ``--mem-limit-gib`` is skipped for the unfused methods and recorded as such.
@@ -18,30 +19,20 @@ Timings on a shared machine are noisy: compare ratios from one run, not absolute
 from __future__ import annotations
 
 import argparse
-import csv
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils import benchmark
 
-from lowbit.objectives import TensorMemoryTracker, fused_linear_sft_loss, sft_loss
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent
+from lowbit.objectives import TensorMemoryTracker, fused_linear_sft_loss, sft_loss  # noqa: E402
 
 FIELDS = ["machine", "vocab", "tokens", "hidden", "objective", "method", "time_p20_s", "time_p50_s", "time_p80_s",
           "peak_mib", "time_vs_unfused", "peak_vs_unfused", "time_vs_plain_ce", "note"]
-
-
-def machine_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0).replace(" ", "-").lower()
-    return f"cpu-{platform.machine()}-{os.cpu_count()}c"
 
 
 def liger_loss():
@@ -70,12 +61,11 @@ def make_step(method: str, h, w, y, objective: str, liger=None):
     return step
 
 
-def measure(step, repeat: int) -> tuple[list[float], int]:
+def measure(step, repeat: int) -> tuple[harness.Timing, int]:
     with TensorMemoryTracker() as tracker:  # the warm-up run doubles as the memory run
         step()
-    timer = benchmark.Timer(stmt="step()", globals={"step": step})
-    times = [timer.timeit(1).median for _ in range(repeat)]
-    return times, tracker.peak
+    # Each step takes seconds: one call per sample, `repeat` samples.
+    return harness.time_fn(step, warmup=0, min_runs=repeat, min_time=0.0), tracker.peak
 
 
 def run(vocabs, token_counts, hidden, objectives, repeat, mem_limit_gib, out_csv: Path):
@@ -83,7 +73,7 @@ def run(vocabs, token_counts, hidden, objectives, repeat, mem_limit_gib, out_csv
     liger = liger_loss()
     methods = ["plain_ce", "unfused", "fused"] + (["liger"] if liger is not None else [])
     rows = []
-    machine = machine_name()
+    machine = harness.machine_name()
     for vocab in vocabs:
         for n in token_counts:
             for objective in objectives:
@@ -104,10 +94,10 @@ def run(vocabs, token_counts, hidden, objectives, repeat, mem_limit_gib, out_csv
                         print(f"V={vocab} N={n} {objective:8s} {method:9s} {row['note']}", flush=True)
                         continue
                     t0 = time.perf_counter()
-                    times, peak = measure(make_step(method, h, w, y, objective, liger), repeat)
-                    p20, p50, p80 = np.percentile(times, [20, 50, 80])
-                    row.update(time_p20_s=f"{p20:.4f}", time_p50_s=f"{p50:.4f}", time_p80_s=f"{p80:.4f}",
-                               peak_mib=f"{peak / 2 ** 20:.1f}")
+                    timing, peak = measure(make_step(method, h, w, y, objective, liger), repeat)
+                    p50 = timing.p50
+                    row.update(time_p20_s=timing.p20, time_p50_s=p50, time_p80_s=timing.p80,
+                               peak_mib=peak / 2 ** 20)
                     results[method] = (p50, peak)
                     rows.append(row)
                     print(f"V={vocab} N={n} {objective:8s} {method:9s} p50 {p50:8.3f} s  peak {peak / 2 ** 20:9.1f} MiB"
@@ -117,10 +107,10 @@ def run(vocabs, token_counts, hidden, objectives, repeat, mem_limit_gib, out_csv
                         continue
                     p50, peak = results[row["method"]]
                     if "unfused" in results:
-                        row["time_vs_unfused"] = f"{p50 / results['unfused'][0]:.3f}"
-                        row["peak_vs_unfused"] = f"{peak / results['unfused'][1]:.4f}"
+                        row["time_vs_unfused"] = harness.ratio(p50, results["unfused"][0])
+                        row["peak_vs_unfused"] = harness.ratio(peak, results["unfused"][1])
                     if "plain_ce" in results:
-                        row["time_vs_plain_ce"] = f"{p50 / results['plain_ce'][0]:.3f}"
+                        row["time_vs_plain_ce"] = harness.ratio(p50, results["plain_ce"][0])
                 del h, w, y
                 write_csv(rows, out_csv)  # after every point, so an interrupted run keeps what it measured
     print(f"wrote {out_csv}")
@@ -129,10 +119,7 @@ def run(vocabs, token_counts, hidden, objectives, repeat, mem_limit_gib, out_csv
 
 def write_csv(rows, out_csv: Path) -> None:
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+    harness.write_csv(out_csv, FIELDS, rows)
 
 
 def main(argv=None):
@@ -151,8 +138,8 @@ def main(argv=None):
     tokens = args.tokens or ([1024, 2048] if args.quick else [4096, 8192, 16384])
     hidden = args.hidden or 128
     repeat = args.repeat or 2
-    out = args.out or ROOT / "results" / machine_name() / ("loss_quick.csv" if args.quick else "loss.csv")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {machine_name()}; hidden {hidden}",
+    out = args.out or harness.results_dir(harness.machine_name()) / ("loss_quick.csv" if args.quick else "loss.csv")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {harness.machine_name()}; hidden {hidden}",
           file=sys.stderr)
     run(vocabs, tokens, hidden, args.objectives, repeat, args.mem_limit_gib, out)
 
