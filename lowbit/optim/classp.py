@@ -61,6 +61,8 @@ class CLASSP(ExactStateLoad, Optimizer):
                 if w.grad is None:
                     continue
                 g = check_grad(w)
+                if not w.numel():
+                    continue
                 if not math.isfinite(torch.linalg.vector_norm(g, _INF).item()):
                     self.stats["nonfinite_skipped"] += 1
                     continue

@@ -262,6 +262,7 @@ class StableSPAM(S.ExactStateLoad, Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
                 check_grad(p)
+            params = [p for p in params if p.numel()]  # nothing to update in an empty tensor
             if reset:
                 self.stats["resets"] += 1
             if not params:
@@ -494,6 +495,8 @@ class SPAM(S.ExactStateLoad, Optimizer):
                 if p.grad is None:
                     continue
                 g = check_grad(p)
+                if not p.numel():
+                    continue
                 if not _finite(torch.linalg.vector_norm(g, _INF).item()):
                     self.stats["nonfinite_skipped"] += 1
                     continue

@@ -338,3 +338,18 @@ def test_sparse_gradient_rejected(foreach):
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(TypeError, match="^grad:"):
         opt.step()
+
+
+@pytest.mark.parametrize("state_dtype", ["fp32", "bf16", "fp8", "int8"])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_empty_and_scalar_params(state_dtype, foreach):
+    ps = [torch.nn.Parameter(torch.zeros(0)), torch.nn.Parameter(torch.tensor(1.0)),
+          torch.nn.Parameter(torch.zeros(3, 0, 2))]
+    opt = StableSPAM(ps, lr=1e-3, state_dtype=state_dtype, foreach=foreach)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    # a constant gradient: every step moves the scalar by about lr (sign-like Adam step)
+    assert ps[1].item() == pytest.approx(1 - 3e-3, abs=1e-5)
+    assert ps[0].numel() == 0 and ps[2].shape == (3, 0, 2)
