@@ -123,6 +123,8 @@ def quantize(x: torch.Tensor, fmt, *, block=None, axis: int = -1, rounding: str 
         if fmt.kind != "nvfp4":
             raise ValueError(f"global_amax: only NVFP4 has a per-tensor amax; got fmt={fmt.name}")
         global_amax = torch.as_tensor(global_amax, dtype=torch.float32, device=x.device).reshape(())
+        if not torch.compiler.is_compiling() and bool(global_amax < 0):  # a traced check would break the graph
+            raise ValueError(f"global_amax: expected a non-negative amax, got {float(global_amax)}")
     if check and x.numel() and not bool(torch.isfinite(x).all()):
         raise ValueError("x: contains NaN or Inf (check=True)")
     K = x.shape[axis]

@@ -1,6 +1,6 @@
 """Backend registry: which module serves an op on which device, and why the others cannot.
 
-Each backend is a module `lowbit.backends.<name>` that defines `DEVICES` (device types it runs
+Each backend is a module `lowbit.backends.<name>` that defines `devices()` (device types it runs
 on), `unavailable()` (None, or the reason it cannot run here) and the op functions of
 `ref.py` it implements (`quantize`, `dequantize`, `cast`, `hadamard`, `qmatmul`).
 """
