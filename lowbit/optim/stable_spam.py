@@ -97,8 +97,9 @@ class StableSPAM(S.ExactStateLoad, Optimizer):
 
     * The AdaClip / AdaGN statistics count their own steps k, never reset (their EMAs are
       never reset either); the Adam moments count j, the steps since the last reset.
-    * At a reset step the moments are zeroed *before* that step's update, so the step is a
-      clean Adam restart on the current gradient (bias corrections for j = 1).
+    * At a reset step (for a tensor without a gradient then: at its next step) the moments are
+      zeroed *before* the update, so the step is a clean Adam restart on the current gradient
+      (bias corrections for j = 1).
     * Bias corrections under the cosine schedule use the product of the factors actually
       applied (``1 - prod g1_i``, ``1 - prod beta1_i``), the exact correction of an EMA whose
       factor varies.
@@ -123,8 +124,10 @@ class StableSPAM(S.ExactStateLoad, Optimizer):
        1 at ``2 (total_steps + 1)``.
     5. Entries clipped by AdaClip are written back into ``p.grad`` (the caller sees the clipped
        gradient after ``step()``).
-    6. Bias corrections use k (per tensor) while the reset and the cosine use the global step T;
-       a tensor that had no gradient on some step lags (this holds in both modes).
+    6. Bias corrections use k (per tensor) while the reset and the cosine use the global step T,
+       so a tensor that had no gradient on some step lags; one without a gradient on a reset
+       step is not reset in that interval at all. The clean mode keeps per-tensor counts too
+       (they count the EMA updates actually made) but resets such a tensor on its next step.
 
     Both modes keep the scalar statistics in Python floats (float64); the official code keeps
     them as fp32 tensors, which differs in the last bits of fp32. Both modes skip tensors with
@@ -191,12 +194,14 @@ class StableSPAM(S.ExactStateLoad, Optimizer):
         return eta + (1.0 - eta) * (1.0 + math.cos(math.pi * min(T, total) / total)) / 2.0
 
     # ---- per-tensor scalar statistics (shared by both paths) ------------------------------
-    def _init_state(self, st, p):
+    def _init_state(self, st, p, group):
         st["step"] = 0
         st["clip_max"] = 0.0
         st["norm_mean"] = 0.0
         st["norm_sq_mean"] = 0.0
         if self.compat != "official":
+            interval = group["reset_interval"]
+            st["reset_epoch"] = group["global_step"] // interval if interval is not None else 0
             st["moment_step"] = 0
             st["gamma1_prod"] = 1.0
             st["beta1_prod"] = 1.0
@@ -229,15 +234,21 @@ class StableSPAM(S.ExactStateLoad, Optimizer):
         c = mu_hat / (math.sqrt(nu_hat) + group["eps"])
         return c / norm if norm > 0 else 1.0
 
-    def _adam_scalars(self, st, group, s: float, reset: bool):
+    def _adam_scalars(self, st, group, s: float, T: int):
         """-> (beta1 used, zero moments before the update?, zero them after?, bc1, bc2)."""
         beta1 = group["betas"][0] * s
         beta2 = group["betas"][1]
+        interval = group["reset_interval"]
         if self.compat == "official":
+            reset = interval is not None and T % interval == 0
             if reset:
                 st["step"] = 1
             k = st["step"]
             return beta1, False, reset, 1.0 - beta1 ** k, 1.0 - beta2 ** k
+        # a tensor without a gradient on the reset step is reset on its next step
+        epoch = T // interval if interval is not None else 0
+        reset = epoch != st["reset_epoch"]
+        st["reset_epoch"] = epoch
         if reset:
             st["moment_step"] = 0
             st["beta1_prod"] = 1.0
@@ -268,10 +279,10 @@ class StableSPAM(S.ExactStateLoad, Optimizer):
             if not params:
                 continue
             if self.foreach:
-                self._step_foreach(group, params, index, T, s, reset)
+                self._step_foreach(group, params, index, T, s)
             else:
                 for p in params:
-                    self._step_one(group, p, index[p], T, s, reset)
+                    self._step_one(group, p, index[p], T, s)
         self.stats["steps"] += 1
         return loss
 
@@ -285,7 +296,7 @@ class StableSPAM(S.ExactStateLoad, Optimizer):
         S.store_moment(st, "exp_avg", m, self.state_dtype, S.sr_seed(self.seed, T, idx, 0))
         S.store_moment(st, "exp_avg_sq", v, self.state_dtype, S.sr_seed(self.seed, T, idx, 1))
 
-    def _step_one(self, group, p, idx, T, s, reset):
+    def _step_one(self, group, p, idx, T, s):
         g = p.grad
         amax = torch._foreach_norm([g], _INF)[0].item()
         if not _finite(amax):
@@ -293,7 +304,7 @@ class StableSPAM(S.ExactStateLoad, Optimizer):
             return
         st = self.state[p]
         if "step" not in st:
-            self._init_state(st, p)
+            self._init_state(st, p, group)
         g = g.to(S.compute_dtype(p))
         clip, mhat, ratio = self._clip_scalars(st, group, amax)
         if clip:
@@ -304,7 +315,7 @@ class StableSPAM(S.ExactStateLoad, Optimizer):
                 p.grad.copy_(g)
         norm = torch._foreach_norm([g], 2)[0].item()
         g = g * self._norm_factor(st, group, s, norm)
-        beta1, zero_before, zero_after, bc1, bc2 = self._adam_scalars(st, group, s, reset)
+        beta1, zero_before, zero_after, bc1, bc2 = self._adam_scalars(st, group, s, T)
         beta2 = group["betas"][1]
         m, v = self._moments(st, p)
         if zero_before:
@@ -321,7 +332,7 @@ class StableSPAM(S.ExactStateLoad, Optimizer):
             S.round_param_(p, target, S.sr_seed(self.seed, T, idx, 2))
         self._store(st, p, m, v, idx, T, zero_after)
 
-    def _step_foreach(self, group, params, index, T, s, reset):
+    def _step_foreach(self, group, params, index, T, s):
         grads = [p.grad for p in params]
         amaxes = torch.stack(torch._foreach_norm(grads, _INF)).tolist()
         keep = [i for i, a in enumerate(amaxes) if _finite(a)]
@@ -335,7 +346,7 @@ class StableSPAM(S.ExactStateLoad, Optimizer):
         for p in params:
             st = self.state[p]
             if "step" not in st:
-                self._init_state(st, p)
+                self._init_state(st, p, group)
             states.append(st)
 
         # AdaClip, only on the tensors whose max exceeds their threshold
@@ -376,7 +387,7 @@ class StableSPAM(S.ExactStateLoad, Optimizer):
         beta1 = None
         zero_before, zero_after, bc1s, bc2s = [], [], [], []
         for st in states:
-            beta1, zb, za, bc1, bc2 = self._adam_scalars(st, group, s, reset)
+            beta1, zb, za, bc1, bc2 = self._adam_scalars(st, group, s, T)
             zero_before.append(zb)
             zero_after.append(za)
             bc1s.append(-group["lr"] / bc1)
@@ -386,9 +397,9 @@ class StableSPAM(S.ExactStateLoad, Optimizer):
             m, v = self._moments(st, p)
             ms.append(m)
             vs.append(v)
-        if any(zero_before):
-            torch._foreach_zero_(ms)
-            torch._foreach_zero_(vs)
+        fresh = [t for t, zb in zip(ms + vs, zero_before + zero_before) if zb]
+        if fresh:
+            torch._foreach_zero_(fresh)
         torch._foreach_mul_(ms, beta1)
         torch._foreach_add_(ms, grads, alpha=1.0 - beta1)
         torch._foreach_mul_(vs, beta2)

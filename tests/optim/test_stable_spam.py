@@ -20,7 +20,8 @@ HP = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, gamma1=0.7, g
 
 def grad_stream(steps, seed=1, skip=True):
     """Per step, one gradient (or None) per tensor: N(0, 0.01^2), x1000 on 3 entries every 17
-    steps (and on one whole step), tensor 1 without a gradient every 5th step."""
+    steps (and on one whole step), tensor 1 without a gradient every 5th step (so it has none on
+    the reset steps 120 and 240 used below)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for t in range(1, steps + 1):
@@ -66,8 +67,8 @@ def reference_clean(stream, reset_interval, total_steps=None, eta_min=0.5):
     lr, (b1, b2), eps, wd = HP["lr"], HP["betas"], HP["eps"], HP["weight_decay"]
     g1_, g2, th = HP["gamma1"], HP["gamma2"], HP["theta"]
     params = [p.double() for p in init_params()]
-    st = [dict(k=0, M=0.0, mu=0.0, nu=0.0, P1=1.0, j=0, Pb=1.0, m=torch.zeros_like(p), v=torch.zeros_like(p))
-          for p in params]
+    st = [dict(k=0, M=0.0, mu=0.0, nu=0.0, P1=1.0, j=0, Pb=1.0, m=torch.zeros_like(p), v=torch.zeros_like(p),
+               interval=0) for p in params]
     for T, row in enumerate(stream, 1):
         s = cosine(T, total_steps, eta_min, official=False)
         for i, g in enumerate(row):
@@ -87,7 +88,8 @@ def reference_clean(stream, reset_interval, total_steps=None, eta_min=0.5):
             c = (S["mu"] / (1 - S["P1"])) / (math.sqrt(S["nu"] / (1 - g2 ** S["k"])) + eps)
             if n > 0:
                 g = g / n * c
-            if T % reset_interval == 0:
+            if T // reset_interval != S["interval"]:  # first step of this tensor in a new interval
+                S["interval"] = T // reset_interval
                 S["m"], S["v"], S["j"], S["Pb"] = torch.zeros_like(x), torch.zeros_like(x), 0, 1.0
             S["j"] += 1
             bb1 = b1 * s
