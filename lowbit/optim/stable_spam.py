@@ -134,8 +134,9 @@ class StableSPAM(S.ExactStateLoad, Optimizer):
     non-finite gradients (the official code would write NaN into the moments).
 
     ``foreach=True`` (default) batches the elementwise work with ``torch._foreach_*`` ops and
-    is bit-exact with ``foreach=False`` in fp32 state; it synchronises with the host twice per
-    step (per-tensor max and norm), the per-tensor path twice per tensor.
+    is bit-exact with ``foreach=False`` in fp32 state. The scalar statistics are read back to
+    the host: the foreach path synchronises two or three times per step (per-tensor max, the
+    clipped-entry count when something was clipped, norm), the per-tensor path per tensor.
 
     ``state_dtype`` selects the moment storage ("fp32", "bf16", "fp8", "int8"; see
     `lowbit.optim.state`); ``seed`` seeds the bf16 stochastic rounding (one stream per step,
