@@ -23,7 +23,8 @@ constexpr int kFP8 = kKindFP8, kMX = kKindMX, kNVFP4 = kKindNVFP4;
 
 // ------------------------------------------------------------------------------ amax
 // amax_bits[tile] = max over the tile of |x| as fp32 bits (>= Inf bits when it holds NaN / Inf).
-// blockIdx.x: tile, blockIdx.y: split of the tile's vectors. amax_bits starts at 0.
+// blockIdx.x: tile, blockIdx.y: split of the tile's vectors; blockDim.x a multiple of 32, at most
+// kThreads. amax_bits starts at 0.
 template <int IN, int V>
 __global__ void __launch_bounds__(kThreads)
     tile_amax_kernel(const typename InTraits<IN>::Storage* __restrict__ x, int64_t K, int64_t br, int64_t bk,
@@ -221,9 +222,12 @@ void tile_amax(const void* x, int64_t R, int64_t K, int64_t br, int64_t bk, uint
   using S = typename InTraits<IN>::Storage;
   const int64_t tiles = (R / br) * (K / bk);
   const int64_t nvec = br * (bk / V);
-  const int64_t splits = std::min<int64_t>(65535, std::max<int64_t>(1, ceil_div(nvec, (int64_t)kThreads * 16)));
+  // Small tiles (16 x 16, short rows) get one warp or a few, not kThreads mostly idle threads.
+  int threads = 32;
+  while (threads < kThreads && threads < nvec) threads <<= 1;
+  const int64_t splits = std::min<int64_t>(65535, std::max<int64_t>(1, ceil_div(nvec, (int64_t)threads * 16)));
   const dim3 grid((unsigned)tiles, (unsigned)splits);
-  tile_amax_kernel<IN, V><<<grid, kThreads, 0, stream>>>(reinterpret_cast<const S*>(x), K, br, bk, K / bk, amax_bits);
+  tile_amax_kernel<IN, V><<<grid, threads, 0, stream>>>(reinterpret_cast<const S*>(x), K, br, bk, K / bk, amax_bits);
 }
 
 template <int IN>
