@@ -10,7 +10,7 @@
 
 #include "lowbit/formats.h"
 
-#ifdef __F16C__
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -41,6 +41,18 @@ template <class In>
 inline void load_row(const In* src, float* dst, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] = load_f32<In>(src[k]);
 }
+
+#ifdef __AVX2__
+template <>
+inline void load_row<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_t n) {
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k));
+    _mm256_storeu_ps(dst + k, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+  }
+  for (; k < n; ++k) dst[k] = load_f32<c10::BFloat16>(src[k]);
+}
+#endif
 
 #ifdef __F16C__
 // The hardware conversion is exact (subnormals included) and keeps NaN payloads like the scalar one.

@@ -141,7 +141,7 @@ def test_special_values_match_ref(fmt, block, rounding, dtype):
     assert_same_q(x, fmt, "special h16", block=block, rounding=rounding, seed=5, hadamard=16)
 
 
-@pytest.mark.parametrize("global_amax", [1e38, math.inf, 1e-40, 0.0, 1e-3, 0.5, -2.0, math.nan, 3.4028234663852886e38])
+@pytest.mark.parametrize("global_amax", [1e38, math.inf, 1e-40, 0.0, -0.0, 1e-3, 0.5, math.nan, 3.4028234663852886e38])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("block", [(1, 16), (16, 16)])
 def test_nvfp4_global_amax_matches_ref(global_amax, rounding, block):
@@ -150,6 +150,17 @@ def test_nvfp4_global_amax_matches_ref(global_amax, rounding, block):
                   global_amax=global_amax)
     assert_same_q(x, "nvfp4", f"global_amax={global_amax} h", block=block, rounding=rounding, seed=8,
                   global_amax=global_amax, hadamard=32)
+
+
+def test_backend_negative_global_amax_matches_ref():
+    """lowbit.quantize rejects a negative global_amax; the backends still agree on what it computes."""
+    from lowbit.backends import cpu, ref
+
+    x = varied((32, 64), seed=17)
+    for block, rounding in itertools.product([(1, 16), (16, 16)], ["nearest", "stochastic"]):
+        args = (FORMATS["nvfp4"], block, rounding, 8, "exact", torch.tensor(-2.0), 0, 1)
+        for ours, spec, what in zip(cpu.quantize(x, *args), ref.quantize(x, *args), ("data", "scale", "global_scale")):
+            assert_same_bits(ours, spec, f"negative global_amax {what}")
 
 
 def test_all_zero_tensor_matches_ref():
