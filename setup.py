@@ -1,5 +1,6 @@
 """Builds lowbit._C (C++ CPU kernels, always) and lowbit._C_cuda (only with a CUDA torch and nvcc).
 
+The C++ standard is left to torch's BuildExtension (it requires C++17 or C++20 by version).
 LOWBIT_BUILD_CUDA=1 forces the CUDA extension, =0 skips it; LOWBIT_CUDA_ARCHS (default "90a;100a")
 picks the targets. A failed native build never breaks `import lowbit`: ops fall back to `ref`.
 """
@@ -14,7 +15,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def cpu_flags() -> list[str]:
-    flags = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno", "-ffp-contract=off"]
+    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64"):
         has_avx2 = False
@@ -53,8 +54,8 @@ def extensions():
         archs = os.environ.get("LOWBIT_CUDA_ARCHS", "90a;100a").split(";")
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
         exts.append(CUDAExtension("lowbit._C_cuda", cuda_sources, include_dirs=include,
-                                  extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                                                      "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"] + gencode}))
+                                  extra_compile_args={"cxx": ["-O3"],
+                                                      "nvcc": ["-O3", "--expt-relaxed-constexpr"] + gencode}))
     return exts, {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
