@@ -66,7 +66,10 @@ inline void load_row<c10::Half>(const c10::Half* src, float* dst, int64_t n) {
 #endif
 
 // Random Hadamard transform pieces (hadamard.cpp).
-std::vector<float> hadamard_signs(int64_t block, int64_t seed);  // seed < 0: all +1
+constexpr int64_t kHadamardSegment = 2048;
+// Signs s_j (seed < 0: all +1), repeated with period `block` to the length hadamard_row reads
+// for rows of length K: max(block, min(K, kHadamardSegment)).
+std::vector<float> hadamard_signs(int64_t block, int64_t seed, int64_t K);
 float hadamard_norm(int64_t block);
 // In-place transform of every 1 x block slice of a fp32 row of length K.
 void hadamard_row(float* y, int64_t K, int64_t block, const float* signs, float norm, bool inverse);

@@ -13,10 +13,12 @@
 namespace lowbit {
 namespace cpu {
 
-std::vector<float> hadamard_signs(int64_t block, int64_t seed) {
-  std::vector<float> s((size_t)block, 1.0f);
+std::vector<float> hadamard_signs(int64_t block, int64_t seed, int64_t K) {
+  const int64_t len = block >= kHadamardSegment ? block : (K < kHadamardSegment ? K : kHadamardSegment);
+  std::vector<float> s((size_t)len, 1.0f);
   if (seed >= 0) {
     for (int64_t j = 0; j < block; ++j) s[(size_t)j] = hadamard_sign((uint64_t)seed, (uint32_t)j);
+    for (int64_t j = block; j < len; ++j) s[(size_t)j] = s[(size_t)(j % block)];
   }
   return s;
 }
@@ -77,16 +79,26 @@ static void butterfly(float* y, int64_t block) {
   for (int64_t h = chunk; h < block; h *= 2) stage(y, block, h);
 }
 
+// Blocks below kHadamardSegment are transformed a whole segment of the row at a time: every
+// stage h < block pairs elements inside the same block, so running it over many aligned blocks
+// at once is the same arithmetic with long, vectorised loops.
 void hadamard_row(float* y, int64_t K, int64_t block, const float* signs, float norm, bool inverse) {
-  for (int64_t b0 = 0; b0 < K; b0 += block) {
-    float* __restrict yb = y + b0;
+  const int64_t seg = block >= kHadamardSegment ? block : (K < kHadamardSegment ? K : kHadamardSegment);
+  for (int64_t s0 = 0; s0 < K; s0 += seg) {
+    float* __restrict ys = y + s0;
+    const int64_t n = K - s0 < seg ? K - s0 : seg;
     if (!inverse) {
-      for (int64_t j = 0; j < block; ++j) yb[j] = yb[j] * signs[j];
+      for (int64_t j = 0; j < n; ++j) ys[j] = ys[j] * signs[j];
     }
-    butterfly(yb, block);
-    for (int64_t j = 0; j < block; ++j) yb[j] = yb[j] * norm;
+    if (block >= kHadamardSegment) {
+      butterfly(ys, block);
+    } else {
+      stages_up_to_4(ys, n);
+      for (int64_t h = 8; h < block; h *= 2) stage(ys, n, h);
+    }
+    for (int64_t j = 0; j < n; ++j) ys[j] = ys[j] * norm;
     if (inverse) {
-      for (int64_t j = 0; j < block; ++j) yb[j] = yb[j] * signs[j];
+      for (int64_t j = 0; j < n; ++j) ys[j] = ys[j] * signs[j];
     }
   }
 }
@@ -113,7 +125,7 @@ at::Tensor hadamard(const at::Tensor& x_in, int64_t block, int64_t seed, bool in
   check_hadamard_block(block, K);
   at::Tensor out = at::empty({R, K}, x.options().dtype(at::kFloat));
   if (x.numel() == 0) return out;
-  const std::vector<float> signs = hadamard_signs(block, seed);
+  const std::vector<float> signs = hadamard_signs(block, seed, K);
   const float norm = hadamard_norm(block);
   float* o = out.data_ptr<float>();
   if (st == at::kFloat) {

@@ -472,7 +472,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x_in, 
   QArgs a{R, K, br, bk, mode, 1.0f, (uint64_t)seed, inner, 0, nullptr, 1.0f};
   std::vector<float> signs;
   if (hadamard_block) {
-    signs = hadamard_signs(hadamard_block, seed);
+    signs = hadamard_signs(hadamard_block, seed, K);
     a.norm = hadamard_norm(hadamard_block);
     if (br == 1 || (br == R && bk == K)) {
       a.hblock = hadamard_block;  // fused: rows are transformed in the amax and row passes
