@@ -186,9 +186,46 @@ def plot(rows: list[dict], path: Path) -> str:
         by = {f"{r['format']} {r['block']} {r['rounding'][:4]}{' rht' + str(r['hadamard']) if r['hadamard'] else ''}":
               r["ratio_to_limit"] for r in q if r["dtype"] == dtype}
         series[f"{dtype} input"] = [by.get(lab) for lab in labels]
-    title = (f"lowbit.quantize on {rows[0]['machine']} ({rows[0]['backend']}): "
+    title = (f"lowbit.quantize on {rows[0]['machine']} ({q[0]['backend']} backend): "
              f"GB/s as a fraction of Tensor.copy_ ({rows[0]['gbps']:.1f} GB/s)")
     return harness.bar_chart(path, title, labels, series, "fraction of copy_ bandwidth", hline=0.5)
+
+
+def markdown(rows: list[dict], dtype: str = "bfloat16") -> str:
+    """The README's headline table from a quantize.csv (default blocks, `dtype` input)."""
+    lim = {r["op"]: r for r in rows if r["op"] in ("copy_", "fp32_mm")}
+    quant = [r for r in rows if r["op"] == "quantize"]
+    out = [f"Machine `{rows[0]['machine']}`, backend `{quant[0]['backend']}`; `Tensor.copy_` "
+           f"{float(lim['copy_']['gbps']):.1f} GB/s and fp32 `torch.mm` {float(lim['fp32_mm']['tflops']) * 1e3:.0f} "
+           f"GFLOP/s measured in the same run.", "",
+           f"| quantize {quant[0]['shape']} {dtype} | rounding | RHT | p50 ms | GB/s | of copy_ | vs torchao | vs torch cast |",
+           "|---|---|---|---|---|---|---|---|"]
+
+    def cell(v, pct=False):
+        if v in ("", None):
+            return ""
+        try:
+            f = float(v)
+        except ValueError:
+            return v
+        return f"{100 * f:.0f} %" if pct else (f"{f:.2f}x" if not pct else "")
+
+    for r in rows:
+        if r["op"] != "quantize" or r["dtype"] != dtype or r["block"] != "default":
+            continue
+        out.append(f"| {r['format']} | {r['rounding']} | {r['hadamard'] or '-'} | {float(r['p50_ms']):.1f} | "
+                   f"{float(r['gbps']):.2f} | {cell(r['ratio_to_limit'], True)} | {cell(r['speedup_vs_torchao'])} | "
+                   f"{cell(r['speedup_vs_torch'])} |")
+    out += ["", "| other ops | shape | p50 ms | rate | of the machine limit | vs torch |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["op"] == "hadamard" and r["dtype"] == dtype:
+            out.append(f"| hadamard b={r['hadamard']} ({dtype}) | {r['shape']} | {float(r['p50_ms']):.1f} | "
+                       f"{float(r['gbps']):.2f} GB/s | {cell(r['ratio_to_limit'], True)} of copy_ | |")
+        if r["op"] == "qmatmul":
+            out.append(f"| qmatmul {r['format']} ({r['block']}) | {r['shape']} | {float(r['p50_ms']):.1f} | "
+                       f"{float(r['tflops']) * 1e3:.1f} GFLOP/s | {cell(r['ratio_to_limit'], True)} of fp32 mm | "
+                       f"{cell(r['speedup_vs_torch'])} |")
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:
@@ -196,7 +233,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small shapes (seconds); writes quantize-quick.csv")
     p.add_argument("--backend", default=None, choices=list(backends.NAMES), help="default: lowbit's automatic choice")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--markdown", metavar="CSV", help="print the README table of an existing quantize.csv and exit")
     args = p.parse_args(argv)
+    if args.markdown:
+        print(markdown(harness.read_csv(Path(args.markdown))))
+        return 0
     start = time.time()
     print(lowbit.__name__, "backend:", args.backend or backends.resolve("quantize", args.device),
           "threads:", torch.get_num_threads(), flush=True)
