@@ -31,10 +31,11 @@ __all__ = ["fused_linear_sft_loss", "fused_linear_token_logps", "fused_linear_se
 def _default_chunk(n_tokens: int, hidden: int, vocab: int) -> int:
     # Liger's rule sizes a chunk's logits like the hidden states (n * hidden / vocab rows). Each chunk
     # also reads and writes the whole vocab x hidden weight gradient, so with a small hidden size that
-    # rule gives chunks too short to amortise it (measured: 32 rows at vocab 128k ran 2.4x slower than
-    # unfused, 512 rows 2x faster); hence at least 512 rows, but no more than 1/8 of the tokens so the
+    # rule gives chunks too short to amortise it (measured on 2 CPU cores, hidden 128: 32 rows at vocab
+    # 128k ran 2.4x slower than unfused; 256 rows 0.75x at vocab 32k and ~1x at 128k, where 256-1024
+    # rows were within noise); hence at least 256 rows, but no more than 1/8 of the tokens so the
     # chunk stays a small fraction of the full logits.
-    rows = max(n_tokens * hidden // vocab, min(512, n_tokens // 8))
+    rows = max(n_tokens * hidden // vocab, min(256, n_tokens // 8))
     return max(1, min(n_tokens, rows))
 
 
