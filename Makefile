@@ -35,6 +35,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
+	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib
 	$(PY) bench/bench_quantize.py
 
 # Compiles every .cu file for sm_90a and sm_100a against the CUDA build of torch (no GPU needed).
