@@ -183,17 +183,33 @@ inline void store_codes8(__m256i c, uint8_t* out) {
   const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
   _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packus_epi16(w, w));
 }
+
+// 8 values widened to fp32 in registers, so bf16 / fp16 rows are read in place (no fp32 copy).
+template <class In>
+inline __m256 load8(const In* x);
+template <>
+inline __m256 load8<float>(const float* x) { return _mm256_loadu_ps(x); }
+template <>
+inline __m256 load8<c10::BFloat16>(const c10::BFloat16* x) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+template <>
+inline __m256 load8<c10::Half>(const c10::Half* x) {
+  // exact, subnormals and NaN payloads included, like fp16_to_f32_bits (see load_row)
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+}
 #endif
 
 // Codes of n values x[k] scaled by (p, gs), round-to-nearest-even.
-template <class T, int KIND>
-inline void encode_rne(const float* __restrict x, int64_t n, float p, float gs, uint8_t* __restrict out) {
+template <class T, int KIND, class In>
+inline void encode_rne(const In* __restrict x, int64_t n, float p, float gs, uint8_t* __restrict out) {
   int64_t k = 0;
 #ifdef __AVX2__
   const __m256 pv = _mm256_set1_ps(p), gv = _mm256_set1_ps(gs);
-  for (; k + 8 <= n; k += 8) store_codes8(rne_avx2<T>(scaled_avx2<KIND>(_mm256_loadu_ps(x + k), pv, gv)), out + k);
+  for (; k + 8 <= n; k += 8) store_codes8(rne_avx2<T>(scaled_avx2<KIND>(load8<In>(x + k), pv, gv)), out + k);
 #endif
-  for (; k < n; ++k) out[k] = (uint8_t)round_code_rne<T>(f32_bits(scaled_value<KIND>(x[k], p, gs)));
+  for (; k < n; ++k) out[k] = (uint8_t)round_code_rne<T>(f32_bits(scaled_value<KIND>(load_f32<In>(x[k]), p, gs)));
 }
 
 // E4M3 code -> fp32, built once.
@@ -252,9 +268,10 @@ inline void nv_block_scales(const uint32_t* am, int64_t n, float gs, uint8_t* sc
   }
 }
 
-// The blocks of one fp32 row r; BK is the block width when known at compile time (0: a.bk).
-template <class T, int KIND, bool SR, int BK>
-inline void row_blocks(const float* xr, int64_t r, const QArgs& a, const float* params, void* scales,
+// The blocks of one row r (fp32, bf16 or fp16, widened as it is read); BK is the block width
+// when known at compile time (0: a.bk).
+template <class T, int KIND, bool SR, int BK, class In>
+inline void row_blocks(const In* xr, int64_t r, const QArgs& a, const float* params, void* scales,
                        const uint32_t* rb, uint8_t* codes) {
   const int64_t bk = BK ? BK : a.bk, nK = a.K / bk;
   const bool fused = a.br == 1;
@@ -266,44 +283,50 @@ inline void row_blocks(const float* xr, int64_t r, const QArgs& a, const float* 
     for (int64_t c0 = 0; c0 < nK; c0 += kChunk) {
       const int64_t m = nK - c0 < kChunk ? nK - c0 : kChunk;
       for (int64_t j = 0; j < m; ++j) {
-        const float* __restrict xb = xr + (c0 + j) * bk;
-        uint32_t acc = 0;
-        for (int64_t k = 0; k < bk; ++k) acc = umax32(acc, f32_bits(xb[k]) & kF32AbsMask);
-        am[j] = acc;
+        am[j] = amax_bits<In>(xr + (c0 + j) * bk, bk);
       }
       nv_block_scales(am, m, gs, static_cast<uint8_t*>(scales) + r * nK + c0, pc);
       for (int64_t j = 0; j < m; ++j) {
         const int64_t c = c0 + j;
         if (SR) {
           const uint32_t* __restrict rr = rb + c * bk;
-          const float* __restrict xb = xr + c * bk;
+          const In* __restrict xb = xr + c * bk;
           uint8_t* __restrict cb = codes + c * bk;
-          for (int64_t k = 0; k < bk; ++k) cb[k] = (uint8_t)encode<T, true>(scaled_value<KIND>(xb[k], pc[j], gs), rr[k]);
+          for (int64_t k = 0; k < bk; ++k)
+            cb[k] = (uint8_t)encode<T, true>(scaled_value<KIND>(load_f32<In>(xb[k]), pc[j], gs), rr[k]);
         } else {
-          encode_rne<T, KIND>(xr + c * bk, bk, pc[j], gs, codes + c * bk);
+          encode_rne<T, KIND, In>(xr + c * bk, bk, pc[j], gs, codes + c * bk);
         }
       }
     }
     return;
   }
   for (int64_t c = 0; c < nK; ++c) {
-    const float* __restrict xb = xr + c * bk;
+    const In* __restrict xb = xr + c * bk;
     uint8_t* __restrict cb = codes + c * bk;
     float p;
     if (fused) {
-      uint32_t acc = 0;
-      for (int64_t k = 0; k < bk; ++k) acc = umax32(acc, f32_bits(xb[k]) & kF32AbsMask);
-      p = block_param<T, KIND>(amax_finalize(acc), a.mode, gs, scales, r * nK + c);
+      p = block_param<T, KIND>(amax_finalize(amax_bits<In>(xb, bk)), a.mode, gs, scales, r * nK + c);
     } else {
       p = params[(r / a.br) * nK + c];
     }
     if (SR) {
       const uint32_t* __restrict rr = rb + c * bk;
-      for (int64_t k = 0; k < bk; ++k) cb[k] = (uint8_t)encode<T, true>(scaled_value<KIND>(xb[k], p, gs), rr[k]);
+      for (int64_t k = 0; k < bk; ++k)
+        cb[k] = (uint8_t)encode<T, true>(scaled_value<KIND>(load_f32<In>(xb[k]), p, gs), rr[k]);
     } else {
-      encode_rne<T, KIND>(xb, bk, p, gs, cb);
+      encode_rne<T, KIND, In>(xb, bk, p, gs, cb);
     }
   }
+}
+
+// Compile-time widths for the MX / NVFP4 blocks, so their short loops unroll.
+template <class T, int KIND, bool SR, class In>
+inline void row_blocks_w(const In* xr, int64_t r, const QArgs& a, const float* params, void* scales,
+                         const uint32_t* rb, uint8_t* codes) {
+  if (a.bk == 16) row_blocks<T, KIND, SR, 16, In>(xr, r, a, params, scales, rb, codes);
+  else if (a.bk == 32) row_blocks<T, KIND, SR, 32, In>(xr, r, a, params, scales, rb, codes);
+  else row_blocks<T, KIND, SR, 0, In>(xr, r, a, params, scales, rb, codes);
 }
 
 // One pass over the rows. With br == 1 each block's amax and scale are computed here (fused),
@@ -311,28 +334,24 @@ inline void row_blocks(const float* xr, int64_t r, const QArgs& a, const float* 
 template <class T, int KIND, bool SR, class In>
 void quantize_rows(const In* x, const QArgs& a, const float* params, void* scales, uint8_t* out) {
   constexpr bool kPacked = T::kBits == 4;
-  const int64_t K = a.K, bk = a.bk;
+  const int64_t K = a.K;
 #pragma omp parallel
   {
-    std::vector<float> xbuf((std::is_same<In, float>::value && a.hblock == 0) ? 0 : (size_t)K);
+    // fp32 buffer only for the fused Hadamard transform; plain rows are read in their own type
+    std::vector<float> xbuf(a.hblock == 0 ? 0 : (size_t)K);
     std::vector<uint32_t> rscratch;
     std::vector<uint8_t> cbuf(kPacked ? (size_t)K : 0);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < a.R; ++r) {
-      const float* xr;
-      if (xbuf.empty()) {
-        xr = reinterpret_cast<const float*>(x) + r * K;
-      } else {
-        load_row<In>(x + r * K, xbuf.data(), K);
-        if (a.hblock) hadamard_row(xbuf.data(), K, a.hblock, a.signs, a.norm, false);
-        xr = xbuf.data();
-      }
       const uint32_t* rb = SR ? row_bits(a.seed, r, K, a.inner, rscratch) : nullptr;
       uint8_t* codes = kPacked ? cbuf.data() : out + r * K;
-      // Compile-time widths for the MX / NVFP4 blocks, so their short loops unroll.
-      if (bk == 16) row_blocks<T, KIND, SR, 16>(xr, r, a, params, scales, rb, codes);
-      else if (bk == 32) row_blocks<T, KIND, SR, 32>(xr, r, a, params, scales, rb, codes);
-      else row_blocks<T, KIND, SR, 0>(xr, r, a, params, scales, rb, codes);
+      if (xbuf.empty()) {
+        row_blocks_w<T, KIND, SR>(x + r * K, r, a, params, scales, rb, codes);
+      } else {
+        load_row<In>(x + r * K, xbuf.data(), K);
+        hadamard_row(xbuf.data(), K, a.hblock, a.signs, a.norm, false);
+        row_blocks_w<T, KIND, SR>(static_cast<const float*>(xbuf.data()), r, a, params, scales, rb, codes);
+      }
       if (kPacked) {
         uint8_t* __restrict o = out + r * (K / 2);
         const uint8_t* __restrict cs = codes;
