@@ -107,13 +107,62 @@ float tensor_amax_transformed(const In* x, const QArgs& a) {
   return amax_finalize(acc);
 }
 
+#ifdef __AVX2__
+// 32-bit high and low halves of m * c in each of 8 lanes (_mm256_mul_epu32 multiplies the even lanes).
+inline void mulhilo8(__m256i m, __m256i c, __m256i& hi, __m256i& lo) {
+  const __m256i pe = _mm256_mul_epu32(c, m);
+  const __m256i po = _mm256_mul_epu32(_mm256_srli_epi64(c, 32), m);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
+  lo = _mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
+}
+
+// random_bits4 for the 8 counters q .. q + 7, one per lane: the 32 words r(seed, 4q ..), in order.
+inline void philox8_avx2(uint64_t seed, uint64_t q, uint32_t* out) {
+  alignas(32) uint32_t lo[8], hi[8];
+  for (int l = 0; l < 8; ++l) {  // the counter's high word can step inside the vector
+    lo[l] = (uint32_t)(q + (uint64_t)l);
+    hi[l] = (uint32_t)((q + (uint64_t)l) >> 32);
+  }
+  __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo));
+  __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi));
+  __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+  uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+  const __m256i m0 = _mm256_set1_epi32((int)kPhiloxM0), m1 = _mm256_set1_epi32((int)kPhiloxM1);
+  for (int round = 0; round < 10; ++round) {
+    __m256i hi0, lo0, hi1, lo1;
+    mulhilo8(m0, c0, hi0, lo0);
+    mulhilo8(m1, c2, hi1, lo1);
+    c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32((int)k0));
+    c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32((int)k1));
+    c1 = lo1;
+    c3 = lo0;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  // 4 x 8 transpose: lane l's words go to out[4l .. 4l + 3].
+  const __m256i a = _mm256_unpacklo_epi32(c0, c1), b = _mm256_unpackhi_epi32(c0, c1);
+  const __m256i c = _mm256_unpacklo_epi32(c2, c3), d = _mm256_unpackhi_epi32(c2, c3);
+  const __m256i e = _mm256_unpacklo_epi64(a, c), f = _mm256_unpackhi_epi64(a, c);  // lanes 0|4, 1|5
+  const __m256i g = _mm256_unpacklo_epi64(b, d), h = _mm256_unpackhi_epi64(b, d);  // lanes 2|6, 3|7
+  __m256i* o = reinterpret_cast<__m256i*>(out);
+  _mm256_storeu_si256(o + 0, _mm256_permute2x128_si256(e, f, 0x20));
+  _mm256_storeu_si256(o + 1, _mm256_permute2x128_si256(g, h, 0x20));
+  _mm256_storeu_si256(o + 2, _mm256_permute2x128_si256(e, f, 0x31));
+  _mm256_storeu_si256(o + 3, _mm256_permute2x128_si256(g, h, 0x31));
+}
+#endif
+
 // Philox words r(seed, i) for i in [base, base + n), contiguous. Returns a pointer into scratch.
 const uint32_t* contiguous_bits(uint64_t seed, uint64_t base, int64_t n, std::vector<uint32_t>& scratch) {
   const uint64_t q0 = base >> 2;
   const int64_t n4 = (int64_t)(((base + (uint64_t)n + 3) >> 2) - q0);
   scratch.resize((size_t)(4 * n4));
   uint32_t* out = scratch.data();
-  for (int64_t j = 0; j < n4; ++j) {
+  int64_t j = 0;
+#ifdef __AVX2__
+  for (; j + 8 <= n4; j += 8) philox8_avx2(seed, q0 + (uint64_t)j, out + 4 * j);
+#endif
+  for (; j < n4; ++j) {
     const Philox4 p = random_bits4(seed, q0 + (uint64_t)j);
     out[4 * j + 0] = p.w[0];
     out[4 * j + 1] = p.w[1];
