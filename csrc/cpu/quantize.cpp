@@ -386,8 +386,11 @@ void quantize_rows(const In* x, const QArgs& a, const float* params, void* scale
   const int64_t K = a.K;
 #pragma omp parallel
   {
-    // fp32 buffer only for the fused Hadamard transform; plain rows are read in their own type
-    std::vector<float> xbuf(a.hblock == 0 ? 0 : (size_t)K);
+    // Rows are read in their own type, except for the fused Hadamard transform and for the
+    // element-by-element stochastic encode, where a vector widening pass beats a scalar
+    // fp16 -> fp32 conversion per element.
+    const bool widen = a.hblock != 0 || (SR && !std::is_same<In, float>::value);
+    std::vector<float> xbuf(widen ? (size_t)K : 0);
     std::vector<uint32_t> rscratch;
     std::vector<uint8_t> cbuf(kPacked ? (size_t)K : 0);
 #pragma omp for schedule(static)
@@ -398,7 +401,7 @@ void quantize_rows(const In* x, const QArgs& a, const float* params, void* scale
         row_blocks_w<T, KIND, SR>(x + r * K, r, a, params, scales, rb, codes);
       } else {
         load_row<In>(x + r * K, xbuf.data(), K);
-        hadamard_row(xbuf.data(), K, a.hblock, a.signs, a.norm, false);
+        if (a.hblock) hadamard_row(xbuf.data(), K, a.hblock, a.signs, a.norm, false);
         row_blocks_w<T, KIND, SR>(static_cast<const float*>(xbuf.data()), r, a, params, scales, rb, codes);
       }
       if (kPacked) {
