@@ -221,6 +221,43 @@ inline __m256i rne_avx2(__m256 v) {
   return _mm256_blendv_epi8(code, _mm256_set1_epi32((int)T::kNanCode), nan);
 }
 
+// Stochastic rounding of 8 lanes with random words r: round_code_bits<T, true> lane for lane
+// (every shift count stays below 32, so the AVX2 variable shifts agree with the scalar ones).
+template <class T>
+inline __m256i sr_avx2(__m256 v, __m256i r) {
+  const __m256i one = _mm256_set1_epi32(1);
+  const __m256i xb = _mm256_castps_si256(v);
+  const __m256i ab = _mm256_and_si256(xb, _mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i e = _mm256_srli_epi32(ab, 23);
+  const __m256i normal = _mm256_cmpgt_epi32(e, _mm256_setzero_si256());
+  const __m256i m = _mm256_or_si256(_mm256_and_si256(ab, _mm256_set1_epi32(0x7FFFFF)),
+                                    _mm256_and_si256(normal, _mm256_set1_epi32(0x800000)));
+  const __m256i exp_c = _mm256_max_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(127)), _mm256_set1_epi32(T::kEmin));
+  const __m256i s = _mm256_sub_epi32(_mm256_sub_epi32(exp_c, _mm256_set1_epi32(T::kMbits)),
+                                     _mm256_sub_epi32(_mm256_max_epi32(e, one), _mm256_set1_epi32(150)));
+  const __m256i sc = _mm256_min_epi32(s, _mm256_set1_epi32(24));
+  const __m256i n = _mm256_srlv_epi32(m, sc);
+  const __m256i rem = _mm256_and_si256(m, _mm256_sub_epi32(_mm256_sllv_epi32(one, sc), one));
+  const __m256i rsh = _mm256_min_epi32(_mm256_max_epi32(_mm256_sub_epi32(s, _mm256_set1_epi32(24)), _mm256_setzero_si256()),
+                                       _mm256_set1_epi32(24));
+  const __m256i f24 = _mm256_srlv_epi32(_mm256_sllv_epi32(rem, _mm256_sub_epi32(_mm256_set1_epi32(24), sc)), rsh);
+  const __m256i lost = _mm256_and_si256(rem, _mm256_sub_epi32(_mm256_sllv_epi32(one, rsh), one));
+  const __m256i sticky = _mm256_andnot_si256(_mm256_cmpeq_epi32(lost, _mm256_setzero_si256()), one);
+  const __m256i key = _mm256_add_epi32(_mm256_add_epi32(f24, f24), sticky);
+  const __m256i thr = _mm256_slli_epi32(_mm256_srli_epi32(r, 8), 1);
+  // key and thr stay below 2^31, so the signed compare is the unsigned one
+  const __m256i q = _mm256_sub_epi32(n, _mm256_cmpgt_epi32(key, thr));
+  __m256i code = _mm256_add_epi32(_mm256_slli_epi32(_mm256_sub_epi32(exp_c, _mm256_set1_epi32(T::kEmin)), T::kMbits), q);
+  code = _mm256_min_epu32(code, _mm256_set1_epi32((int)T::kMaxCode));
+  if (T::kHasInf) {
+    const __m256i inf = _mm256_cmpeq_epi32(ab, _mm256_set1_epi32((int)kF32Inf));
+    code = _mm256_blendv_epi8(code, _mm256_set1_epi32((int)T::kInfCode), inf);
+  }
+  code = _mm256_or_si256(code, _mm256_slli_epi32(_mm256_srli_epi32(xb, 31), T::kBits - 1));
+  const __m256i nan = _mm256_cmpgt_epi32(ab, _mm256_set1_epi32((int)kF32Inf));
+  return _mm256_blendv_epi8(code, _mm256_set1_epi32((int)T::kNanCode), nan);
+}
+
 template <int KIND>
 inline __m256 scaled_avx2(__m256 x, __m256 p, __m256 gs) {
   if (KIND == kFP8) return _mm256_div_ps(x, p);
@@ -259,6 +296,21 @@ inline void encode_rne(const In* __restrict x, int64_t n, float p, float gs, uin
   for (; k + 8 <= n; k += 8) store_codes8(rne_avx2<T>(scaled_avx2<KIND>(load8<In>(x + k), pv, gv)), out + k);
 #endif
   for (; k < n; ++k) out[k] = (uint8_t)round_code_rne<T>(f32_bits(scaled_value<KIND>(load_f32<In>(x[k]), p, gs)));
+}
+
+// Codes of n values x[k] scaled by (p, gs), stochastic rounding with the words rb[k].
+template <class T, int KIND, class In>
+inline void encode_sr(const In* __restrict x, int64_t n, float p, float gs, const uint32_t* __restrict rb,
+                      uint8_t* __restrict out) {
+  int64_t k = 0;
+#ifdef __AVX2__
+  const __m256 pv = _mm256_set1_ps(p), gv = _mm256_set1_ps(gs);
+  for (; k + 8 <= n; k += 8)
+    store_codes8(sr_avx2<T>(scaled_avx2<KIND>(load8<In>(x + k), pv, gv),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + k))),
+                 out + k);
+#endif
+  for (; k < n; ++k) out[k] = (uint8_t)encode<T, true>(scaled_value<KIND>(load_f32<In>(x[k]), p, gs), rb[k]);
 }
 
 // E4M3 code -> fp32, built once.
@@ -338,11 +390,7 @@ inline void row_blocks(const In* xr, int64_t r, const QArgs& a, const float* par
       for (int64_t j = 0; j < m; ++j) {
         const int64_t c = c0 + j;
         if (SR) {
-          const uint32_t* __restrict rr = rb + c * bk;
-          const In* __restrict xb = xr + c * bk;
-          uint8_t* __restrict cb = codes + c * bk;
-          for (int64_t k = 0; k < bk; ++k)
-            cb[k] = (uint8_t)encode<T, true>(scaled_value<KIND>(load_f32<In>(xb[k]), pc[j], gs), rr[k]);
+          encode_sr<T, KIND, In>(xr + c * bk, bk, pc[j], gs, rb + c * bk, codes + c * bk);
         } else {
           encode_rne<T, KIND, In>(xr + c * bk, bk, pc[j], gs, codes + c * bk);
         }
@@ -360,9 +408,7 @@ inline void row_blocks(const In* xr, int64_t r, const QArgs& a, const float* par
       p = params[(r / a.br) * nK + c];
     }
     if (SR) {
-      const uint32_t* __restrict rr = rb + c * bk;
-      for (int64_t k = 0; k < bk; ++k)
-        cb[k] = (uint8_t)encode<T, true>(scaled_value<KIND>(load_f32<In>(xb[k]), p, gs), rr[k]);
+      encode_sr<T, KIND, In>(xb, bk, p, gs, rb + c * bk, cb);
     } else {
       encode_rne<T, KIND, In>(xb, bk, p, gs, cb);
     }
