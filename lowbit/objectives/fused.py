@@ -86,6 +86,16 @@ def _logp_pass(h2, w32, b32, safe, chunk):
     return logp, lse
 
 
+def _accumulate_grads(g, hc, w32, rows, grad_h, grad_w, grad_b):
+    """Add one chunk's logit gradient `g` into the hidden / weight / bias gradients (None: not wanted)."""
+    if grad_h is not None:
+        grad_h[rows] = g @ w32
+    if grad_w is not None:
+        grad_w.addmm_(g.t(), hc.to(grad_w.dtype))
+    if grad_b is not None:
+        grad_b += g.sum(0)
+
+
 def _softmax_grad_(z: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """In place: z <- coef * (onehot(target) - softmax(z)), the gradient of coef * log p w.r.t. z."""
     z.sub_(lse[:, None]).exp_().mul_(-coef[:, None])
@@ -132,12 +142,7 @@ class _FusedScalar(torch.autograd.Function):
             if need_any:
                 coef = torch.where(keep, _token_dloss(logp, spec), torch.zeros_like(logp))
                 g = _softmax_grad_(z, lse, coef, tgt)
-                if need_h:
-                    grad_h[s:e] = g @ w32
-                if need_w:
-                    grad_w.addmm_(g.t(), hc.to(acc))
-                if need_b:
-                    grad_b += g.sum(0)
+                _accumulate_grads(g, hc, w32, slice(s, e), grad_h, grad_w, grad_b)
                 del g
             del z
 
@@ -210,12 +215,7 @@ class _FusedTokenLogps(torch.autograd.Function):
             e = min(n, s + chunk)
             hc = h2[s:e]
             g = _softmax_grad_(_chunk_logits(hc, w32, b32), lse[s:e], coef_all[s:e], safe[s:e])
-            if need_h:
-                grad_h[s:e] = g @ w32
-            if need_w:
-                grad_w.addmm_(g.t(), hc.to(acc))
-            if need_b:
-                grad_b += g.sum(0)
+            _accumulate_grads(g, hc, w32, slice(s, e), grad_h, grad_w, grad_b)
             del g
         return (grad_h.view(shape_h).to(hidden.dtype) if need_h else None,
                 grad_w.to(weight.dtype) if need_w else None,
