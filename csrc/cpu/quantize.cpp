@@ -195,6 +195,19 @@ inline uint32_t encode(float v, uint32_t r) {
 }
 
 #ifdef __AVX2__
+// The end of both 8-lane encoders: saturate, Inf, sign bit, canonical NaN (xb: input bits, ab: |xb|).
+template <class T>
+inline __m256i finish_code_avx2(__m256i code, __m256i xb, __m256i ab) {
+  code = _mm256_min_epu32(code, _mm256_set1_epi32((int)T::kMaxCode));
+  if (T::kHasInf) {
+    const __m256i inf = _mm256_cmpeq_epi32(ab, _mm256_set1_epi32((int)kF32Inf));
+    code = _mm256_blendv_epi8(code, _mm256_set1_epi32((int)T::kInfCode), inf);
+  }
+  code = _mm256_or_si256(code, _mm256_slli_epi32(_mm256_srli_epi32(xb, 31), T::kBits - 1));
+  const __m256i nan = _mm256_cmpgt_epi32(ab, _mm256_set1_epi32((int)kF32Inf));
+  return _mm256_blendv_epi8(code, _mm256_set1_epi32((int)T::kNanCode), nan);
+}
+
 // Round-to-nearest-even of 8 lanes onto T's grid (T = E4M3, E5M2, E2M1): the same codes as
 // round_code_rne, written with intrinsics because the compiler will not vectorise the fp32 form
 // of the subnormal rounding (|v| * 2^(kMbits - kEmin) + 2^23) under -ftrapping-math.
@@ -211,14 +224,7 @@ inline __m256i rne_avx2(__m256 v) {
   const __m256i sub = _mm256_sub_epi32(_mm256_castps_si256(f), _mm256_set1_epi32(0x4B000000));
   const __m256i below = _mm256_cmpgt_epi32(_mm256_set1_epi32((T::kEmin + 127) << 23), ab);
   code = _mm256_blendv_epi8(code, sub, below);
-  code = _mm256_min_epu32(code, _mm256_set1_epi32((int)T::kMaxCode));
-  if (T::kHasInf) {
-    const __m256i inf = _mm256_cmpeq_epi32(ab, _mm256_set1_epi32((int)kF32Inf));
-    code = _mm256_blendv_epi8(code, _mm256_set1_epi32((int)T::kInfCode), inf);
-  }
-  code = _mm256_or_si256(code, _mm256_slli_epi32(_mm256_srli_epi32(xb, 31), T::kBits - 1));
-  const __m256i nan = _mm256_cmpgt_epi32(ab, _mm256_set1_epi32((int)kF32Inf));
-  return _mm256_blendv_epi8(code, _mm256_set1_epi32((int)T::kNanCode), nan);
+  return finish_code_avx2<T>(code, xb, ab);
 }
 
 // Stochastic rounding of 8 lanes with random words r: round_code_bits<T, true> lane for lane
@@ -248,14 +254,7 @@ inline __m256i sr_avx2(__m256 v, __m256i r) {
   // key and thr stay below 2^31, so the signed compare is the unsigned one
   const __m256i q = _mm256_sub_epi32(n, _mm256_cmpgt_epi32(key, thr));
   __m256i code = _mm256_add_epi32(_mm256_slli_epi32(_mm256_sub_epi32(exp_c, _mm256_set1_epi32(T::kEmin)), T::kMbits), q);
-  code = _mm256_min_epu32(code, _mm256_set1_epi32((int)T::kMaxCode));
-  if (T::kHasInf) {
-    const __m256i inf = _mm256_cmpeq_epi32(ab, _mm256_set1_epi32((int)kF32Inf));
-    code = _mm256_blendv_epi8(code, _mm256_set1_epi32((int)T::kInfCode), inf);
-  }
-  code = _mm256_or_si256(code, _mm256_slli_epi32(_mm256_srli_epi32(xb, 31), T::kBits - 1));
-  const __m256i nan = _mm256_cmpgt_epi32(ab, _mm256_set1_epi32((int)kF32Inf));
-  return _mm256_blendv_epi8(code, _mm256_set1_epi32((int)T::kNanCode), nan);
+  return finish_code_avx2<T>(code, xb, ab);
 }
 
 template <int KIND>
