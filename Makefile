@@ -4,7 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lowbit-installed
 TORCH_CPU := torch==2.13.0
-DEV_PKGS := setuptools wheel ninja numpy pytest torchao==0.18.0 triton==3.7.1
+DEV_PKGS := setuptools wheel ninja numpy pytest torchao==0.18.0 triton==3.7.1 matplotlib
+# Training stack: DeepSpeed without its JIT ops (DS_BUILD_OPS=0), Hugging Face models and tokenizers, configs, logging.
+TRAIN_PKGS := deepspeed==0.19.8 transformers==5.23.0 tokenizers==0.23.3 omegaconf==2.4.0 tqdm tensorboard rich bitsandbytes==0.50.2
 NATIVE := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cuh' -o -name '*.cu' 2>/dev/null)
 
 .PHONY: all demo test bench cuda-check env clean
@@ -22,6 +24,7 @@ $(PY):
 $(STAMP): $(PY) setup.py pyproject.toml Makefile $(NATIVE)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU)
 	$(PY) -m pip install -q $(DEV_PKGS)
+	DS_BUILD_OPS=0 $(PY) -m pip install -q $(TRAIN_PKGS)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	@touch $@
 
@@ -35,7 +38,6 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib
 	$(PY) bench/bench_quantize.py
 
 # Compiles every .cu file for sm_90a and sm_100a against the CUDA build of torch (no GPU needed).

@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "common.h"
+#include "lowbit/registry.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace c = lowbit::cpu;
@@ -17,4 +18,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("elem"), pybind11::arg("stochastic"), pybind11::arg("seed"));
   m.def("hadamard", &c::hadamard, "Random Hadamard transform of 1 x block slices of the last dim (seed < 0: no signs)",
         pybind11::arg("x"), pybind11::arg("block"), pybind11::arg("seed"), pybind11::arg("inverse"));
+  for (auto fn : lowbit::binding_registry<lowbit::CpuExt>()) fn(m);  // bindings that other kernel files registered
 }

@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include <lowbit/formats.h>
+#include <lowbit/registry.h>
 
 #include "launch.h"
 
@@ -341,4 +342,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("rounding"), py::arg("seed"));
   m.def("hadamard", &lowbit::cuda::hadamard, "random Hadamard transform along the last dim (seed < 0: no signs)",
         py::arg("x"), py::arg("block"), py::arg("seed"), py::arg("inverse"));
+  for (auto fn : lowbit::binding_registry<lowbit::CudaExt>()) fn(m);  // bindings that other kernel files registered
 }
