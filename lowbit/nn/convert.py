@@ -100,12 +100,16 @@ def convert(model: nn.Module, recipe: str | Recipe, *, skip=None, keep_high_prec
     if any(isinstance(m, LowBitLinear) for m in model.modules()):
         raise ValueError("model: already converted (it holds LowBitLinear layers); call lowbit.nn.unconvert first")
     linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear or _is_conv1d(m)}
+    default_keep: dict[str, str] = {}
+    keep_patterns = []
     if keep_high_precision is None:
-        default_keep = (_head_names(model, linears) if recipe.keep_lm_head else set()) \
-            | _last_blocks(list(linears), recipe.keep_last_fraction)
-        keep_patterns = []
+        for n in _last_blocks(list(linears), recipe.keep_last_fraction):
+            default_keep[n] = f"{recipe.name} keeps the last {recipe.keep_last_fraction:.0%} of blocks in high precision"
+        if recipe.keep_lm_head:
+            for n in _head_names(model, linears):
+                default_keep[n] = "output head (kept in high precision)"
     else:
-        default_keep, keep_patterns = set(), list(keep_high_precision)
+        keep_patterns = list(keep_high_precision)
     summary = ConversionSummary(recipe.name)
     for name, m in linears.items():
         conv1d = _is_conv1d(m)
@@ -113,9 +117,11 @@ def convert(model: nn.Module, recipe: str | Recipe, *, skip=None, keep_high_prec
         if _matches(name, skip):
             summary.kept[name] = "skip list"
             continue
-        if name in default_keep or _matches(name, keep_patterns):
-            summary.kept[name] = "kept in high precision by " + ("keep_high_precision" if keep_patterns else
-                                                                  f"the {recipe.name} recipe (head / last blocks)")
+        if name in default_keep:
+            summary.kept[name] = default_keep[name]
+            continue
+        if _matches(name, keep_patterns):
+            summary.kept[name] = "keep_high_precision"
             continue
         problem = recipe.shape_problem(in_f, out_f)
         if problem:
