@@ -1,0 +1,60 @@
+"""`lowbit eval --checkpoint DIR`: held-out perplexity and accuracy on the built-in SFT task.
+
+The model is rebuilt from the checkpoint (its own config and recipe; an HF export runs unquantized),
+evaluated on the validation split of its pretraining data (the embedded corpus unless the config
+names other files) and on the held-out examples of the built-in synthetic task.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from . import config as cfgmod
+from . import corpus, data as data_mod, dist as D, evaluate, model as model_mod, pretrained, sft_data
+
+
+def evaluate_checkpoint(args) -> dict:
+    kind, where = pretrained.resolve(args.checkpoint)
+    model, tok = pretrained.load(where)
+    if kind == "lowbit":
+        cfg = pretrained.checkpoint_config(where)
+        model_mod.apply_recipe(model, cfg)
+    else:
+        cfg = cfgmod.Config()
+    if args.overrides:
+        bad = [o for o in args.overrides if not o.startswith("data.")]
+        if bad:
+            raise ValueError(f"eval overrides: only data.* keys apply to evaluation, got {bad}")
+        cfg = cfgmod.load([], args.overrides, base=cfgmod.to_dict(cfg))
+    if args.attention == "seer":
+        model = _apply_seer(model, args)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model.to(device)
+    env = D.Env(0, 1, 0, device, "torch", False)
+    kw = dict(batches=args.batches, batch_size=args.batch_size, env=env)
+
+    pdata = copy.copy(cfg.data)
+    if cfg.task != "pretrain":  # SFT / preference files are not a perplexity corpus: use the embedded one
+        pdata.train = pdata.validation = None
+    _, val_docs, source = corpus.pretrain_documents(pdata)
+    val = data_mod.Packed(data_mod.tokenize_stream(tok, val_docs), cfg.data.seq_len)
+    lm = evaluate.language_model(model, val, **kw)
+    _, held_out = sft_data.split_synthetic(cfg.data.synthetic_examples, cfg.train.seed)
+    task = sft_data.Examples([sft_data.encode_chat(tok, [("user", p), ("assistant", r)], cfg.data.seq_len)
+                              for p, r in held_out])
+    sft = evaluate.language_model(model, task, batches=len(task), batch_size=args.batch_size, env=env)
+    return {"checkpoint": where, "recipe": cfg.quant.recipe if kind == "lowbit" else "none (HF export)",
+            "data": source, "val_loss": lm["val_loss"], "val_ppl": lm["val_ppl"], "val_tokens": lm["val_tokens"],
+            "sft_task_exact_match": sft["val_exact_match"], "sft_task_loss": sft["val_loss"],
+            "sft_task_examples": len(task)}
+
+
+def _apply_seer(model, args):
+    try:
+        from ..attention import apply_seer
+    except ImportError as e:
+        raise ValueError(f"--attention seer: lowbit.attention.apply_seer is not available ({e})") from None
+    if args.gates is None:
+        raise ValueError("--attention seer: give --gates (the trained gate weights)")
+    return apply_seer(model, args.gates, threshold=args.threshold, density=args.density) or model
