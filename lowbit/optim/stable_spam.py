@@ -13,6 +13,7 @@ import numbers
 import torch
 from torch.optim import Optimizer
 
+from . import kernels
 from . import state as S
 
 _INF = float("inf")
@@ -72,6 +73,27 @@ def new_stats() -> dict:
 
 def _finite(x: float) -> bool:
     return math.isfinite(x)
+
+
+class _Piece:
+    """One original tensor as this rank sees it: the whole parameter, or its slice of a ZeRO flat
+    partition (``length`` 0 where this rank holds none of it; its statistics still advance)."""
+
+    def __init__(self, st, carrier, start, length, group, numel=None):
+        self.st, self.carrier, self.start, self.length, self.group = st, carrier, start, length, group
+        self.numel = length if numel is None else numel
+        self.compute_dtype = S.compute_dtype(carrier)
+        self.amax, self.sumsq, self.count, self.clip = 0.0, 0.0, 0, False
+        self.grad = None
+
+    def view(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.start is None else t.narrow(0, self.start, self.length)
+
+    def grad_out(self) -> torch.Tensor:
+        return self.view(self.carrier.grad)
+
+    def grad_view(self) -> torch.Tensor:
+        return self.grad_out().to(self.compute_dtype)
 
 
 # =============================================================================================
@@ -194,8 +216,34 @@ class StableSPAM(S.ExactStateLoad, Optimizer):
             return eta + (1.0 - eta) * (1.0 + math.cos(math.pi * T / (total + 1))) / 2.0
         return eta + (1.0 - eta) * (1.0 + math.cos(math.pi * min(T, total) / total)) / 2.0
 
-    # ---- per-tensor scalar statistics (shared by both paths) ------------------------------
-    def _init_state(self, st, p, group):
+    # ---- ZeRO partitions (see lowbit.optim.zero) ---------------------------------------------
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        # remembered so that a step on tensors this optimizer was never given (DeepSpeed's flat
+        # ZeRO partitions without `lowbit.optim.zero.attach`) fails instead of computing the
+        # per-tensor statistics over a whole partition
+        given = self.__dict__.setdefault("_given", set())
+        given.update(id(p) for p in self.param_groups[-1]["params"])
+
+    def set_partition_layout(self, layout) -> None:
+        """Use `layout` (a `lowbit.optim.zero.PartitionLayout`, or None) to map the flat partitions
+        DeepSpeed steps this optimizer on back to the original tensors. Called by `zero.attach`."""
+        self._layout = layout
+
+    def _is_flat(self, p) -> bool:
+        layout = getattr(self, "_layout", None)
+        return layout is not None and layout.covers(p)
+
+    def _check_known(self, p) -> None:
+        given = getattr(self, "_given", None)
+        if given is not None and id(p) not in given and not self._is_flat(p):
+            raise RuntimeError(
+                "StableSPAM.step: a parameter this optimizer was not constructed with (a DeepSpeed ZeRO "
+                "flat partition?). Per-tensor statistics would be computed over the whole partition; "
+                "call lowbit.optim.zero.attach(engine) after deepspeed.initialize(...)")
+
+    # ---- per-tensor scalar statistics ---------------------------------------------------------
+    def _init_scalars(self, st, group):
         st["step"] = 0
         st["clip_max"] = 0.0
         st["norm_mean"] = 0.0
@@ -206,8 +254,6 @@ class StableSPAM(S.ExactStateLoad, Optimizer):
             st["moment_step"] = 0
             st["gamma1_prod"] = 1.0
             st["beta1_prod"] = 1.0
-        S.init_moment(st, "exp_avg", p, self.state_dtype)
-        S.init_moment(st, "exp_avg_sq", p, self.state_dtype)
 
     def _clip_scalars(self, st, group, amax: float):
         """Advance k and M; -> (clip?, threshold M^, ratio M^ / max|g|)."""
@@ -266,157 +312,152 @@ class StableSPAM(S.ExactStateLoad, Optimizer):
                 loss = closure()
         index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         for group in self.param_groups:
-            group["global_step"] += 1
-            T = group["global_step"]
-            s = self._scale(group, T)
-            interval = group["reset_interval"]
-            reset = interval is not None and T % interval == 0
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
                 check_grad(p)
-            params = [p for p in params if p.numel()]  # nothing to update in an empty tensor
-            if reset:
-                self.stats["resets"] += 1
-            if not params:
-                continue
-            if self.foreach:
-                self._step_foreach(group, params, index, T, s)
+                self._check_known(p)
+            flats = [p for p in params if self._is_flat(p)]
+            plain = [p for p in params if p.numel() and not self._is_flat(p)]
+            if flats:
+                # DeepSpeed steps the flat partitions of a group one call at a time (ZeRO 3 sub
+                # groups): each flat counts its own steps, so T is right however they are called
+                T = self.state[flats[0]].get("global_step", group["global_step"]) + 1
+                group["global_step"] = T
             else:
-                for p in params:
-                    self._step_one(group, p, index[p], T, s)
+                group["global_step"] += 1
+                T = group["global_step"]
+            s = self._scale(group, T)
+            interval = group["reset_interval"]
+            if interval is not None and T % interval == 0:
+                self.stats["resets"] += 1
+            pieces = [_Piece(self.state[p], p, None, p.numel(), None) for p in plain]
+            for flat in flats:
+                pieces += self._flat_pieces(group, flat, T)
+            if pieces:
+                self._step_pieces(group, pieces, index, T, s)
         self.stats["steps"] += 1
         return loss
 
-    def _moments(self, st, p):
-        return S.load_moments(st, p.shape, self.state_dtype)
+    def _flat_pieces(self, group, flat, T):
+        if flat.dtype != torch.float32:
+            raise TypeError(f"params: ZeRO flat partitions are expected in fp32, got {flat.dtype}")
+        fl = self._layout.flat(flat)
+        fst = self.state[flat]
+        if "tensors" not in fst:
+            fst["tensors"] = []
+            for _ in fl.tensors:
+                sc = {}
+                self._init_scalars(sc, group)
+                fst["tensors"].append(sc)
+            S.init_moment(fst, "exp_avg", flat, self.state_dtype)
+            S.init_moment(fst, "exp_avg_sq", flat, self.state_dtype)
+        if len(fst["tensors"]) != len(fl.tensors):
+            raise RuntimeError(f"StableSPAM: the state holds statistics of {len(fst['tensors'])} tensors for a "
+                               f"partition of {len(fl.tensors)} (a checkpoint of another model or grouping?)")
+        fst["global_step"] = T
+        return [_Piece(sc, flat, t.start, t.length, fl.group, t.numel)
+                for sc, t in zip(fst["tensors"], fl.tensors) if t.numel]
 
-    def _store(self, st, p, m, v, idx, T, zero_after):
-        if zero_after:
-            m.zero_()
-            v.zero_()
-        S.store_moment(st, "exp_avg", m, self.state_dtype, S.sr_seed(self.seed, T, idx, 0))
-        S.store_moment(st, "exp_avg_sq", v, self.state_dtype, S.sr_seed(self.seed, T, idx, 1))
+    def _step_pieces(self, group, pieces, index, T, s):
+        from . import zero
 
-    def _step_one(self, group, p, idx, T, s):
-        g = p.grad
-        amax = torch._foreach_norm([g], _INF)[0].item()
-        if not _finite(amax):
-            self.stats["nonfinite_skipped"] += 1
+        local = [pc for pc in pieces if pc.length]
+        for pc in local:
+            pc.grad = pc.grad_view()
+        amax_l, sumsq_l = kernels.grad_stats([pc.grad for pc in local])
+        for pc, a, q in zip(local, amax_l, sumsq_l):
+            pc.amax, pc.sumsq = a, q
+        zero.reduce_pieces(pieces, ("amax", "sumsq"), ("max", "sum"))
+
+        live, clip_at = [], []
+        for pc in pieces:
+            if not _finite(pc.amax):
+                self.stats["nonfinite_skipped"] += 1
+                continue
+            if "step" not in pc.st:  # a tensor's scalars start at its first finite gradient
+                self._init_scalars(pc.st, group)
+            pc.clip, mhat, ratio = self._clip_scalars(pc.st, group, pc.amax)
+            rnd = kernels.f32 if pc.compute_dtype == torch.float32 else float
+            pc.mh, pc.r = rnd(mhat), rnd(ratio)
+            pc.count = 0
+            live.append(pc)
+            if pc.clip:
+                clip_at.append(pc)
+        if not live:
             return
-        st = self.state[p]
-        if "step" not in st:
-            self._init_state(st, p, group)
-        g = g.to(S.compute_dtype(p))
-        clip, mhat, ratio = self._clip_scalars(st, group, amax)
-        if clip:
-            mask = g.abs() > mhat
-            g = torch.where(mask, g * ratio, g)
-            self.stats["clipped"] += int(mask.sum())
-            if self.compat == "official":
-                p.grad.copy_(g)
-        norm = torch._foreach_norm([g], 2)[0].item()
-        g = g * self._norm_factor(st, group, s, norm)
-        beta1, zero_before, zero_after, bc1, bc2 = self._adam_scalars(st, group, s, T)
+
+        # AdaClip changes the norm only of the tensors it clips: a second reduction for those
+        todo = [pc for pc in clip_at if pc.length]
+        for pc in clip_at:
+            pc.sumsq, pc.count = 0.0, 0
+        sums, counts = kernels.clip_stats([pc.grad for pc in todo], [pc.mh for pc in todo], [pc.r for pc in todo])
+        for pc, q, c in zip(todo, sums, counts):
+            pc.sumsq, pc.count = q, c
+        zero.reduce_pieces(clip_at, ("sumsq", "count"), ("sum", "sum"))
+        for pc in clip_at:
+            self.stats["clipped"] += int(pc.count)
+
         beta2 = group["betas"][1]
-        m, v = self._moments(st, p)
-        if zero_before:
-            m.zero_()
-            v.zero_()
-        m.mul_(beta1).add_(g, alpha=1.0 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        denom = v.sqrt().div_(math.sqrt(bc2)).add_(group["eps"])
-        target = p.float() if self._sr_param(p) else p
-        if group["weight_decay"]:
-            target.mul_(1.0 - group["lr"] * group["weight_decay"])
-        target.addcdiv_(m, denom, value=-group["lr"] / bc1)
-        if target is not p:
-            S.round_param_(p, target, S.sr_seed(self.seed, T, idx, 2))
-        self._store(st, p, m, v, idx, T, zero_after)
+        decay = 1.0 - group["lr"] * group["weight_decay"]
+        for pc in live:
+            f = self._norm_factor(pc.st, group, s, math.sqrt(pc.sumsq))
+            beta1, pc.zero_before, pc.zero_after, bc1, bc2 = self._adam_scalars(pc.st, group, s, T)
+            rnd = kernels.f32 if pc.compute_dtype == torch.float32 else float
+            clip = pc.clip
+            if clip and self.compat == "official" and pc.length:
+                # quirk 5: the clipped gradient is written back into p.grad
+                pc.grad = kernels.clipped(pc.grad, pc.mh, pc.r)
+                pc.grad_out().copy_(pc.grad)
+                clip = False
+            pc.scalars = (1.0 if clip else 0.0, pc.mh, pc.r, rnd(f), rnd(beta1), rnd(1.0 - beta1), rnd(beta2),
+                          rnd(1.0 - beta2), rnd(1.0 / math.sqrt(bc2)), rnd(group["eps"]), rnd(decay),
+                          rnd(group["lr"] / bc1), 1.0 if pc.zero_before else 0.0)
 
-    def _step_foreach(self, group, params, index, T, s):
-        grads = [p.grad for p in params]
-        amaxes = torch.stack(torch._foreach_norm(grads, _INF)).tolist()
-        keep = [i for i, a in enumerate(amaxes) if _finite(a)]
-        self.stats["nonfinite_skipped"] += len(params) - len(keep)
-        if not keep:
-            return
-        params = [params[i] for i in keep]
-        grads = [grads[i].to(S.compute_dtype(p)) for i, p in zip(keep, params)]
-        amaxes = [amaxes[i] for i in keep]
-        states = []
-        for p in params:
-            st = self.state[p]
-            if "step" not in st:
-                self._init_state(st, p, group)
-            states.append(st)
+        # moments: loaded once per carrier (a parameter, or a whole flat partition)
+        steps = [pc for pc in live if pc.length]
+        moments = {}
+        for pc in steps:
+            key = id(pc.carrier)
+            if key not in moments:
+                st = self.state[pc.carrier]
+                if "exp_avg" not in st:
+                    S.init_moment(st, "exp_avg", pc.carrier, self.state_dtype)
+                    S.init_moment(st, "exp_avg_sq", pc.carrier, self.state_dtype)
+                moments[key] = (pc.carrier, *S.load_moments(st, pc.carrier.shape, self.state_dtype), [])
+            moments[key][3].append(pc)
+        targets = {}
+        for pc in steps:
+            c = pc.carrier
+            if id(c) not in targets:
+                targets[id(c)] = c.float() if self._sr_param(c) else c
+        kernels.adam_step([pc.view(targets[id(pc.carrier)]) for pc in steps], [pc.grad for pc in steps],
+                          [pc.view(moments[id(pc.carrier)][1]) for pc in steps],
+                          [pc.view(moments[id(pc.carrier)][2]) for pc in steps],
+                          [pc.scalars for pc in steps], foreach=self.foreach)
+        for pc in steps:
+            if pc.zero_after:
+                pc.view(moments[id(pc.carrier)][1]).zero_()
+                pc.view(moments[id(pc.carrier)][2]).zero_()
+        for key, (c, m, v, _) in moments.items():
+            i = index[c]
+            if targets[key] is not c:
+                S.round_param_(c, targets[key], S.sr_seed(self.seed, T, i, 2))
+            st = self.state[c]
+            S.store_moment(st, "exp_avg", m, self.state_dtype, S.sr_seed(self.seed, T, i, 0))
+            S.store_moment(st, "exp_avg_sq", v, self.state_dtype, S.sr_seed(self.seed, T, i, 1))
 
-        # AdaClip, only on the tensors whose max exceeds their threshold
-        clip_at, mhats, ratios = [], [], []
-        for i, (st, a) in enumerate(zip(states, amaxes)):
-            clip, mhat, ratio = self._clip_scalars(st, group, a)
-            if clip:
-                clip_at.append(i)
-                mhats.append(mhat)
-                ratios.append(ratio)
-        if clip_at:
-            sub = [grads[i] for i in clip_at]
-            # mask in {0, 1}: sign(|g| - M^) clamped at 0 (|g| - M^ > 0 exactly when |g| > M^)
-            mask = torch._foreach_abs(sub)
-            torch._foreach_sub_(mask, mhats)
-            torch._foreach_sign_(mask)
-            torch._foreach_clamp_min_(mask, 0.0)
-            # mask * (g * r) + (1 - mask) * g: every term is exact, so this equals where(mask, g r, g)
-            scaled = torch._foreach_mul(sub, ratios)
-            torch._foreach_mul_(scaled, mask)
-            self.stats["clipped"] += int(round(sum(torch.stack(torch._foreach_norm(mask, 1)).tolist())))
-            torch._foreach_mul_(mask, -1.0)
-            torch._foreach_add_(mask, 1.0)
-            torch._foreach_mul_(mask, sub)
-            torch._foreach_add_(scaled, mask)
-            for j, i in enumerate(clip_at):
-                grads[i] = scaled[j]
-            if self.compat == "official":
-                torch._foreach_copy_([params[i].grad for i in clip_at], scaled)
+    # ---- optimizer.stats travel with the state_dict ----------------------------------------------
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["lowbit_stats"] = dict(self.stats)
+        return sd
 
-        # AdaGN
-        norms = torch.stack(torch._foreach_norm(grads, 2)).tolist()
-        factors = [self._norm_factor(st, group, s, n) for st, n in zip(states, norms)]
-        grads = torch._foreach_mul(grads, factors)
-
-        # Adam
-        beta2 = group["betas"][1]
-        beta1 = None
-        zero_before, zero_after, bc1s, bc2s = [], [], [], []
-        for st in states:
-            beta1, zb, za, bc1, bc2 = self._adam_scalars(st, group, s, T)
-            zero_before.append(zb)
-            zero_after.append(za)
-            bc1s.append(-group["lr"] / bc1)
-            bc2s.append(math.sqrt(bc2))
-        ms, vs = [], []
-        for st, p in zip(states, params):
-            m, v = self._moments(st, p)
-            ms.append(m)
-            vs.append(v)
-        fresh = [t for t, zb in zip(ms + vs, zero_before + zero_before) if zb]
-        if fresh:
-            torch._foreach_zero_(fresh)
-        torch._foreach_mul_(ms, beta1)
-        torch._foreach_add_(ms, grads, alpha=1.0 - beta1)
-        torch._foreach_mul_(vs, beta2)
-        torch._foreach_addcmul_(vs, grads, grads, value=1.0 - beta2)
-        denom = torch._foreach_sqrt(vs)
-        torch._foreach_div_(denom, bc2s)
-        torch._foreach_add_(denom, group["eps"])
-        targets = [p.float() if self._sr_param(p) else p for p in params]
-        if group["weight_decay"]:
-            torch._foreach_mul_(targets, 1.0 - group["lr"] * group["weight_decay"])
-        torch._foreach_addcdiv_(targets, ms, denom, bc1s)
-        for p, t in zip(params, targets):
-            if t is not p:
-                S.round_param_(p, t, S.sr_seed(self.seed, T, index[p], 2))
-        for st, p, m, v, za in zip(states, params, ms, vs, zero_after):
-            self._store(st, p, m, v, index[p], T, za)
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        stats = state_dict.pop("lowbit_stats", None)
+        super().load_state_dict(state_dict)
+        if stats is not None:
+            self.stats = dict(stats)
 
     def state_bytes(self) -> int:
         """Bytes of tensors held in the optimizer state (see `lowbit.optim.state`)."""
