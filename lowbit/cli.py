@@ -61,7 +61,7 @@ def _train_parser(task: str) -> argparse.ArgumentParser:
 def _train(task: str, argv: list[str]) -> int:
     from .train import ConfigError, load, run
 
-    args = _train_parser(task).parse_args(argv)
+    args = _train_parser(task).parse_intermixed_args(argv)
     overrides = list(args.overrides)
     if getattr(args, "objective", None):
         overrides.append(f"objective.name={args.objective}")
@@ -111,7 +111,7 @@ def _eval(argv: list[str]) -> int:
     p.add_argument("--density", type=float, default=None)
     p.add_argument("--output", default=None, help="also write the results as JSON here")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="data.* overrides of the checkpoint's config")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     from .train.eval_cli import evaluate_checkpoint
 
     try:
