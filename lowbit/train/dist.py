@@ -112,6 +112,10 @@ def wrap(model, optimizer, scheduler, cfg, env: Env, micro_bs: int, accum: int):
         import deepspeed
         engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                      config=deepspeed_config(cfg, micro_bs, accum))
+        if cfg.optim.name != "adamw":
+            # Stable-SPAM's per-tensor statistics over ZeRO partitions (a no-op for stage 0 / elementwise optimizers)
+            from ..optim import zero
+            zero.attach(engine)
         return engine, opt, sched
     if env.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
