@@ -23,7 +23,8 @@ def recipe_problem(cfg) -> str | None:
     except ImportError as err:
         return f"quant.recipe: {name!r} needs lowbit.nn, which cannot be imported ({err})"
     except (ValueError, TypeError, FileNotFoundError) as err:
-        return f"quant.recipe: {err}"
+        msg = str(err)
+        return "quant.recipe: " + (msg[len("recipe: "):] if msg.startswith("recipe: ") else msg)
     if not cfg.quant.strict:
         return None  # a layer whose shape does not fit stays in high precision
     m = cfg.model
