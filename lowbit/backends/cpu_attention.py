@@ -80,4 +80,4 @@ def block_sparse_attention(q, k, v, block_mask, block_size: int, causal: bool, s
             p = torch.softmax(s, dim=-1)
             vv = vb.index_select(0, kv).view(len(r), c * block_size, Dv)
             out.index_copy_(0, r, torch.bmm(p, vv))
-    return out.view(B, H, n * block_size, Dv)[:, :, :S].to(q.dtype)
+    return out.view(B, H, n * block_size, Dv)[:, :, :S].to(q.dtype).contiguous()
