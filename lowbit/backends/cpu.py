@@ -55,3 +55,15 @@ def hadamard(x: torch.Tensor, block: int, seed: int | None, inverse: bool) -> to
 def qmatmul(a, b, out_dtype: torch.dtype) -> torch.Tensor:
     """a [M, K] and b [N, K] as `lowbit.qtensor.QParts`: dequantize both to fp32, then the same mm as ref."""
     return torch.mm(dequantize(*a, torch.float32), dequantize(*b, torch.float32).t()).to(out_dtype)
+
+
+# Stable-SPAM step kernels (csrc/cpu/optim.cpp), used by lowbit.optim.kernels; bit-exact with its spec.
+if _C is not None and hasattr(_C, "optim_adam_step"):
+    def optim_grad_stats(grads):
+        return _C.optim_grad_stats(grads)
+
+    def optim_clip_stats(grads, mh, r):
+        return _C.optim_clip_stats(grads, mh, r)
+
+    def optim_adam_step(params, grads, ms, vs, scalars):
+        _C.optim_adam_step(params, grads, ms, vs, scalars)

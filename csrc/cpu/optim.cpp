@@ -1,0 +1,264 @@
+// Stable-SPAM step kernels for CPU: per-tensor statistics and the fused elementwise update, each one
+// call over a list of tensors with OpenMP across (tensor, chunk) work items. Bit-exact with the spec in
+// lowbit/optim/kernels.py: every fp32 operation rounded on its own (the build uses -ffp-contract=off),
+// and sum g^2 in fp64 over the spec's fixed tree (16 lanes, adjacent pairwise tree over rows).
+#include <ATen/Parallel.h>
+#include <omp.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "lowbit/registry.h"
+
+namespace lowbit::cpu::optim {
+namespace {
+
+constexpr int64_t kLanes = 16;
+constexpr int64_t kStatRows = 4096;     // rows per statistics work item: an aligned subtree of the spec's tree
+constexpr int64_t kStepChunk = 1 << 15;  // elements per elementwise work item
+
+struct Lanes {
+  double v[kLanes];
+};
+
+// Pairwise sum over a stream of rows: a binary counter whose entry i is a complete subtree of
+// 2^level[i] rows; folding what is left from the right equals the tree over rows padded with zeros.
+struct PairwiseTree {
+  Lanes s[64];
+  int level[64];
+  int n = 0;
+
+  inline void push(Lanes x) {
+    int l = 0;
+    while (n > 0 && level[n - 1] == l) {
+      const Lanes& left = s[n - 1];
+      for (int k = 0; k < kLanes; ++k) x.v[k] = left.v[k] + x.v[k];
+      --n;
+      ++l;
+    }
+    s[n] = x;
+    level[n] = l;
+    ++n;
+  }
+
+  Lanes fold() const {
+    Lanes acc{};
+    if (n == 0) return acc;
+    acc = s[n - 1];
+    for (int i = n - 2; i >= 0; --i)
+      for (int k = 0; k < kLanes; ++k) acc.v[k] = s[i].v[k] + acc.v[k];
+    return acc;
+  }
+};
+
+double lane_tree(Lanes x) {
+  for (int w = kLanes; w > 1; w /= 2)
+    for (int i = 0; i < w / 2; ++i) x.v[i] = x.v[2 * i] + x.v[2 * i + 1];
+  return x.v[0];
+}
+
+struct StatItem {
+  int64_t tensor, row0, row1;
+  Lanes sum;
+  float amax;
+  int64_t count;
+};
+
+// Rows [row0, row1) of one tensor: max |g| (or the clip count) and the subtree sum of squares.
+template <bool kClip>
+void stat_rows(const float* g, int64_t n, StatItem& it, float mh, float r) {
+  PairwiseTree tree;
+  float amax = 0.f;
+  int64_t count = 0;
+  for (int64_t row = it.row0; row < it.row1; ++row) {
+    Lanes q;
+    const int64_t base = row * kLanes;
+    if (base + kLanes <= n) {
+      for (int k = 0; k < kLanes; ++k) {
+        float x = g[base + k];
+        if (kClip) {
+          const bool c = std::fabs(x) > mh;
+          count += c;
+          x = c ? x * r : x;
+        } else {
+          amax = std::max(amax, std::fabs(x));
+        }
+        q.v[k] = static_cast<double>(x) * static_cast<double>(x);
+      }
+    } else {  // the last row, zero padded
+      for (int k = 0; k < kLanes; ++k) {
+        float x = base + k < n ? g[base + k] : 0.f;
+        if (kClip) {
+          const bool c = std::fabs(x) > mh;
+          count += c;
+          x = c ? x * r : x;
+        } else {
+          amax = std::max(amax, std::fabs(x));
+        }
+        q.v[k] = static_cast<double>(x) * static_cast<double>(x);
+      }
+    }
+    tree.push(q);
+  }
+  it.sum = tree.fold();
+  it.amax = amax;
+  it.count = count;
+}
+
+void check_f32(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), what, ": expected CPU tensors");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, what, ": expected fp32 tensors, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), what, ": expected contiguous tensors");
+}
+
+// -> [n, 2] fp64: (max |g| or +inf where g holds NaN / Inf, sum g^2) or, with clipping,
+// (sum of clipped values squared, clipped count).
+template <bool kClip>
+at::Tensor stats_impl(const std::vector<at::Tensor>& grads, const std::vector<double>& mh,
+                      const std::vector<double>& r) {
+  const int64_t nt = static_cast<int64_t>(grads.size());
+  std::vector<StatItem> items;
+  for (int64_t t = 0; t < nt; ++t) {
+    check_f32(grads[t], "grads");
+    const int64_t rows = (grads[t].numel() + kLanes - 1) / kLanes;
+    for (int64_t r0 = 0; r0 < rows; r0 += kStatRows) items.push_back({t, r0, std::min(rows, r0 + kStatRows), {}, 0.f, 0});
+  }
+  std::vector<const float*> ptr(nt);
+  std::vector<int64_t> numel(nt);
+  for (int64_t t = 0; t < nt; ++t) {
+    ptr[t] = grads[t].data_ptr<float>();
+    numel[t] = grads[t].numel();
+  }
+  {
+    pybind11::gil_scoped_release nogil;
+    const int64_t ni = static_cast<int64_t>(items.size());
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+    for (int64_t i = 0; i < ni; ++i) {
+      StatItem& it = items[i];
+      const float m = kClip ? static_cast<float>(mh[it.tensor]) : 0.f;
+      const float s = kClip ? static_cast<float>(r[it.tensor]) : 0.f;
+      stat_rows<kClip>(ptr[it.tensor], numel[it.tensor], it, m, s);
+    }
+  }
+  at::Tensor out = at::zeros({nt, 2}, at::kDouble);
+  double* o = out.data_ptr<double>();
+  size_t i = 0;
+  for (int64_t t = 0; t < nt; ++t) {
+    PairwiseTree tree;  // chunk subtrees combine with the same tree as rows
+    float amax = 0.f;
+    int64_t count = 0;
+    for (; i < items.size() && items[i].tensor == t; ++i) {
+      tree.push(items[i].sum);
+      amax = std::max(amax, items[i].amax);
+      count += items[i].count;
+    }
+    const double sumsq = lane_tree(tree.fold());
+    if (kClip) {
+      o[2 * t] = sumsq;
+      o[2 * t + 1] = static_cast<double>(count);
+    } else {
+      o[2 * t] = std::isfinite(sumsq) ? static_cast<double>(amax) : INFINITY;
+      o[2 * t + 1] = sumsq;
+    }
+  }
+  return out;
+}
+
+at::Tensor grad_stats(const std::vector<at::Tensor>& grads) { return stats_impl<false>(grads, {}, {}); }
+
+at::Tensor clip_stats(const std::vector<at::Tensor>& grads, const std::vector<double>& mh, const std::vector<double>& r) {
+  TORCH_CHECK(mh.size() == grads.size() && r.size() == grads.size(), "mh, r: expected one value per gradient");
+  return stats_impl<true>(grads, mh, r);
+}
+
+// The per-tensor scalars, in the order of lowbit.optim.kernels.SCALARS, as fp32.
+struct Scalars {
+  bool clip, zero;
+  float mh, r, f, b1, omb1, b2, omb2, inv_sbc2, eps, decay, step;
+};
+
+template <bool kClip, bool kZero>
+void adam_range(float* __restrict p, const float* __restrict g, float* __restrict m, float* __restrict v, int64_t n,
+                const Scalars& s) {
+  for (int64_t i = 0; i < n; ++i) {
+    float x = g[i];
+    if (kClip) x = std::fabs(x) > s.mh ? x * s.r : x;
+    x = x * s.f;
+    float mm = kZero ? 0.f : m[i];
+    float vv = kZero ? 0.f : v[i];
+    mm = mm * s.b1 + x * s.omb1;
+    vv = vv * s.b2 + (x * x) * s.omb2;
+    const float u = mm / (std::sqrt(vv) * s.inv_sbc2 + s.eps);
+    p[i] = p[i] * s.decay - u * s.step;
+    m[i] = mm;
+    v[i] = vv;
+  }
+}
+
+void adam_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+               const std::vector<at::Tensor>& ms, const std::vector<at::Tensor>& vs, const at::Tensor& scalars) {
+  const int64_t nt = static_cast<int64_t>(params.size());
+  TORCH_CHECK(grads.size() == params.size() && ms.size() == params.size() && vs.size() == params.size(),
+              "params, grads, ms, vs: expected lists of the same length");
+  TORCH_CHECK(scalars.scalar_type() == at::kDouble && scalars.dim() == 2 && scalars.size(0) == nt &&
+                  scalars.size(1) == 13 && scalars.is_contiguous(),
+              "scalars: expected a contiguous [n, 13] fp64 tensor");
+  const double* sc = scalars.data_ptr<double>();
+  std::vector<Scalars> s(nt);
+  struct Item {
+    int64_t tensor, begin, end;
+  };
+  std::vector<Item> items;
+  std::vector<float*> pp(nt), mp(nt), vp(nt);
+  std::vector<const float*> gp(nt);
+  for (int64_t t = 0; t < nt; ++t) {
+    check_f32(params[t], "params");
+    check_f32(grads[t], "grads");
+    check_f32(ms[t], "ms");
+    check_f32(vs[t], "vs");
+    const int64_t n = params[t].numel();
+    TORCH_CHECK(grads[t].numel() == n && ms[t].numel() == n && vs[t].numel() == n,
+                "params, grads, ms, vs: tensor ", t, " differs in size");
+    const double* row = sc + 13 * t;
+    s[t] = {row[0] != 0.0, row[12] != 0.0, static_cast<float>(row[1]), static_cast<float>(row[2]),
+            static_cast<float>(row[3]), static_cast<float>(row[4]), static_cast<float>(row[5]),
+            static_cast<float>(row[6]), static_cast<float>(row[7]), static_cast<float>(row[8]),
+            static_cast<float>(row[9]), static_cast<float>(row[10]), static_cast<float>(row[11])};
+    pp[t] = params[t].data_ptr<float>();
+    gp[t] = grads[t].data_ptr<float>();
+    mp[t] = ms[t].data_ptr<float>();
+    vp[t] = vs[t].data_ptr<float>();
+    for (int64_t b = 0; b < n; b += kStepChunk) items.push_back({t, b, std::min(n, b + kStepChunk)});
+  }
+  pybind11::gil_scoped_release nogil;
+  const int64_t ni = static_cast<int64_t>(items.size());
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+  for (int64_t i = 0; i < ni; ++i) {
+    const Item& it = items[i];
+    const Scalars& x = s[it.tensor];
+    const int64_t b = it.begin, n = it.end - it.begin;
+    float* p = pp[it.tensor] + b;
+    const float* g = gp[it.tensor] + b;
+    float* m = mp[it.tensor] + b;
+    float* v = vp[it.tensor] + b;
+    if (x.clip)
+      x.zero ? adam_range<true, true>(p, g, m, v, n, x) : adam_range<true, false>(p, g, m, v, n, x);
+    else
+      x.zero ? adam_range<false, true>(p, g, m, v, n, x) : adam_range<false, false>(p, g, m, v, n, x);
+  }
+}
+
+const lowbit::Bindings<lowbit::CpuExt> kOptimBindings([](pybind11::module_& m) {
+  m.def("optim_grad_stats", &grad_stats, "Per tensor (max |g| or inf if non-finite, sum g^2 in the spec's order)",
+        pybind11::arg("grads"));
+  m.def("optim_clip_stats", &clip_stats, "Per tensor (sum of AdaClip-clipped g^2, clipped count)",
+        pybind11::arg("grads"), pybind11::arg("mh"), pybind11::arg("r"));
+  m.def("optim_adam_step", &adam_step, "Fused Stable-SPAM elementwise step over lists of fp32 tensors",
+        pybind11::arg("params"), pybind11::arg("grads"), pybind11::arg("ms"), pybind11::arg("vs"),
+        pybind11::arg("scalars"));
+});
+
+}  // namespace
+}  // namespace lowbit::cpu::optim
