@@ -1,14 +1,10 @@
-"""bench/harness.py: timer statistics, ratios, CSV schema; and bench_quantize's peers and columns."""
-import sys
+"""lowbit.bench.harness: timer statistics, ratios, machine limits, CSV schema, result folders."""
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-import bench_quantize  # noqa: E402
-import harness  # noqa: E402
+from lowbit.bench import harness
 
 
 def test_percentile_matches_linear_interpolation():
@@ -44,6 +40,7 @@ def test_time_fn_runs_warmup_and_enough_samples():
 def test_ratio():
     assert harness.ratio(6.0, 3.0) == 2.0
     assert harness.ratio(None, 3.0) is None and harness.ratio(1.0, None) is None and harness.ratio(1.0, 0) is None
+    assert harness.ratio(float("nan"), 1.0) is None
 
 
 def test_machine_limits_are_measured():
@@ -51,6 +48,17 @@ def test_machine_limits_are_measured():
     assert gbps > 0 and len(t.samples) >= 2
     t, tf = harness.fp32_gemm_throughput(64, min_runs=2, min_time=0.0)
     assert tf > 0
+    lim = harness.Limits.measure("cpu", quick=True, warmup=0, min_runs=1, min_time=0.0)
+    assert set(lim.values) == {"copy_GB/s", "fp32_mm_TFLOP/s"} and all(v > 0 for v in lim.values.values())
+    assert lim.values["copy_GB/s"] == lim.timings["copy_GB/s"].gbps(2 * (64 << 20))
+    assert lim.get(None) is None and lim.get("peak_fp8_TFLOP/s") is None
+
+
+def test_datasheet_lookup():
+    assert harness.datasheet("NVIDIA H100 80GB HBM3")["peak_bf16_TFLOP/s"] == 989.0
+    assert harness.datasheet("NVIDIA H100 PCIe")["peak_mem_GB/s"] == 2000.0
+    assert harness.datasheet("NVIDIA H200")["peak_mem_GB/s"] == 4800.0
+    assert harness.datasheet("Some Other GPU") == {}
 
 
 def test_machine_name_is_a_slug():
@@ -59,34 +67,26 @@ def test_machine_name_is_a_slug():
     assert harness.slug("AMD EPYC 7B13 64-Core Processor") == "amd-epyc-7b13-64-core-processor"
 
 
-def test_csv_schema_round_trip(tmp_path):
-    rows = [dict(machine="m", op="quantize", format="nvfp4", p50_ms=1.23456, speedup_vs_torchao=harness.ABSENT)]
-    path = harness.write_csv(tmp_path / "x.csv", bench_quantize.FIELDS, rows)
+def test_results_dir(tmp_path, monkeypatch):
+    assert harness.results_dir("m", tmp_path / "x") == tmp_path / "x" and (tmp_path / "x").is_dir()
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)
+    assert harness.repo_root() == root
+    monkeypatch.chdir(tmp_path)  # outside any checkout: the package's own checkout is found
+    assert harness.repo_root() == root
+
+
+def test_csv_round_trip_and_schema(tmp_path):
+    fields = ["machine", "p50_ms", "gbps", "speedup_vs_torchao"]
+    rows = [dict(machine="m", p50_ms=1.23456, speedup_vs_torchao=harness.ABSENT)]
+    path = harness.write_csv(tmp_path / "x.csv", fields, rows)
     back = harness.read_csv(path)
-    assert list(back[0].keys()) == bench_quantize.FIELDS
+    assert list(back[0].keys()) == fields
     assert back[0]["p50_ms"] == "1.235" and back[0]["speedup_vs_torchao"] == "absent" and back[0]["gbps"] == ""
-    with pytest.raises(ValueError):
-        harness.write_csv(tmp_path / "y.csv", bench_quantize.FIELDS, [dict(not_a_column=1)])
+    with pytest.raises(ValueError, match="not columns"):
+        harness.write_csv(tmp_path / "y.csv", fields, [dict(not_a_column=1)])
 
 
-def test_bench_columns_cover_the_report():
-    for col in ("p20_ms", "p50_ms", "p80_ms", "gbps", "tflops", "ratio_to_limit", "limit_value",
-                "torchao_p50_ms", "speedup_vs_torchao", "torch_p50_ms", "speedup_vs_torch"):
-        assert col in bench_quantize.FIELDS
-
-
-def test_peer_status():
-    assert bench_quantize.torchao_peer("nvfp4", None, "stochastic", None) == harness.NOT_APPLICABLE
-    assert bench_quantize.torchao_peer("fp8_e4m3", None, "nearest", None) in (harness.NOT_APPLICABLE, harness.ABSENT)
-    assert bench_quantize.torch_fp8_peer("mxfp4", None, "nearest", None) == harness.NOT_APPLICABLE
-
-
-@pytest.mark.parametrize("block", [None, "row", (1, 128), (128, 128)])
-def test_torch_fp8_peer_does_the_same_work(block):
-    """The torch peer computes the same codes as lowbit's FP8 quantize, so the ratio compares like with like."""
-    import lowbit
-
-    x = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
-    peer = bench_quantize.torch_fp8_peer("fp8_e4m3", block, "nearest", None)(x)()
-    q = lowbit.quantize(x, "fp8_e4m3", block=block)
-    assert torch.equal(peer.view(torch.uint8), q.data.view(torch.uint8))
+def test_bar_chart_writes_png(tmp_path):
+    note = harness.bar_chart(tmp_path / "c.png", "t", ["a", "b"], {"s": [0.5, None]}, "x", hline=1.0)
+    assert note == "wrote c.png" and (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
