@@ -4,10 +4,10 @@ ops.py        attention_with_block_pool, block_sparse_attention (reference: back
 gate.py       AttnGate: pooled Q/K -> block scores
 selection.py  block masks by threshold, top-k or density; static and oracle patterns
 model.py      gates inside a Hugging Face Llama-style model (transformers AttentionInterface)
-distill.py    self-distillation loop, gate files, apply_seer
+distillation.py  self-distillation loop, gate files, apply_seer
 cli.py        `lowbit seer distill | eval`
 """
-from .distill import apply_seer, distill, load_gates, save_gates
+from .distillation import apply_seer, distill, load_gates, save_gates
 from .gate import AttnGate
 from .model import attach_gates, configure, measured_density
 from .ops import attention_with_block_pool, block_sparse_attention

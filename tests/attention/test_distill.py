@@ -7,7 +7,7 @@ transformers = pytest.importorskip("transformers")
 from lowbit.attention import (apply_seer, attach_gates, configure, distill, load_gates,  # noqa: E402
                               measured_density, save_gates)
 from lowbit.attention import model as seer_model  # noqa: E402
-from lowbit.attention.distill import distill_loss, evaluate_kl  # noqa: E402
+from lowbit.attention.distillation import distill_loss, evaluate_kl  # noqa: E402
 
 VOCAB, SEQ = 128, 128
 
@@ -63,7 +63,7 @@ def test_unrotate_recovers_pre_rope_q():
 def test_gradients_flow_only_into_gates(ids):
     m = tiny_llama()
     attach_gates(m, block_size=16, gate_dim=16)
-    from lowbit.attention.distill import freeze_base
+    from lowbit.attention.distillation import freeze_base
 
     gate_params = {id(p) for p in freeze_base(m)}
     configure(m, "distill")
