@@ -57,8 +57,8 @@ def quantize_weight(weight: torch.Tensor, recipe: Recipe) -> QuantizedWeight:
         qf = quantize_operand(weight, fw) if fw is not None else None
         if dw is None:
             qd = None
-        elif dw == fw and fw.square and fw.hadamard is None:
-            qd = qf.t()
+        elif dw == fw and fw.square and fw.hadamard is None and not fw.format.packed:
+            qd = qf.t()  # the same codes; FP4 is requantized instead, as repacking nibbles costs more
         else:
             qd = quantize_operand(weight.t(), dw)
     return QuantizedWeight(qf, qd)
