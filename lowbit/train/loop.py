@@ -203,6 +203,7 @@ def _run(cfg, env: D.Env) -> dict:
         if env.engine == "deepspeed":
             # The engine's accumulation counters must advance every step; a bad step runs at lr 0.
             gnorm = grad_norm(params) if cfg.dist.zero_stage == 0 and not nonfinite else None
+            nonfinite |= gnorm is not None and not math.isfinite(gnorm)
             if nonfinite:
                 for g in optimizer.param_groups:
                     g["lr"] = 0.0
