@@ -1,6 +1,5 @@
 """LowBitLinear numerics: exactness of the bf16 recipe, per-recipe error floors, RHT, SR, DGE, outliers."""
 import dataclasses
-import math
 
 import pytest
 import torch
