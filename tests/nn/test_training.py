@@ -1,0 +1,96 @@
+"""Every recipe trains: a 2-layer MLP and a ~0.85M-parameter Llama on CPU, seeds fixed.
+
+Llama: 4 blocks, hidden 128, byte-level text of the standard library (os.py), batch 8 x 64 tokens,
+AdamW lr 3e-3 with 20 warm-up steps and cosine decay to 0 at step 200 (the end of a decayed run
+is far less noisy than a constant lr); validation loss on held-out bytes. Measured with these
+settings (validation loss, gap to bf16): bf16 2.4045; fp8-tensorwise 2.4283 (+1.0 %), fp8-rowwise
+2.4374 (+1.4 %), fp8-blockwise 2.4051 (+0.0 %), mxfp8 2.4175 (+0.5 %), mxfp4 2.4588 (+2.3 %),
+nvfp4 2.4949 (+3.8 %), fp4-dge 2.2703 (-5.6 %). At this size one run's gap is mostly trajectory
+noise (DESIGN section 4: seed-to-seed std 0.45 % at a larger batch), so these are pass/fail
+bounds, not an ordering of recipes; the convergence report runs seeds. The thresholds are the
+issue's: fp8-* and mxfp8 within 2 % of bf16, nvfp4 within 5 %; every other recipe must at least
+learn (loss far below the uniform ln 256 = 5.55).
+"""
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit.nn as N
+
+transformers = pytest.importorskip("transformers")
+
+TEXT = torch.tensor(list(Path(os.__file__).read_bytes()[:120_000]), dtype=torch.long)
+SPLIT = int(len(TEXT) * 0.9)
+TOLERANCE = {"fp8-tensorwise": 0.02, "fp8-rowwise": 0.02, "fp8-blockwise": 0.02, "mxfp8": 0.02, "nvfp4": 0.05}
+
+
+def batches(src, seed, n, B=8, S=64):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        i = torch.randint(0, len(src) - S - 1, (B,), generator=g).tolist()
+        yield torch.stack([src[j:j + S] for j in i])
+
+
+def train_llama(recipe, steps=200):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = N.convert(transformers.LlamaForCausalLM(cfg), recipe)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    # linear warm-up then cosine decay to zero: the end of a decayed run is far less noisy than a constant lr
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    first = None
+    for b in batches(TEXT[:SPLIT], 1, steps):
+        loss = model(input_ids=b, labels=b).loss
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    with torch.no_grad():
+        val = sum(model(input_ids=b, labels=b).loss.item() for b in batches(TEXT[SPLIT:], 2, 8)) / 8
+    return first, val
+
+
+@pytest.fixture(scope="module")
+def bf16_llama():
+    return train_llama("bf16")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", [r for r in N.RECIPE_NAMES if r != "bf16"])
+def test_llama_trains_close_to_bf16(recipe, bf16_llama):
+    first, val = train_llama(recipe)
+    base = bf16_llama[1]
+    assert val < first - 1.5 and val < math.log(256) - 2, (first, val)
+    if recipe in TOLERANCE:
+        assert val <= base * (1 + TOLERANCE[recipe]), f"{recipe}: {val:.4f} vs bf16 {base:.4f}"
+
+
+@pytest.mark.parametrize("recipe", N.RECIPE_NAMES)
+def test_mlp_loss_falls(recipe):
+    """A 2-layer MLP regressing a fixed random teacher: the loss drops by 10x within 150 steps."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(128, 256), nn.Tanh(), nn.Linear(256, 128))
+    student = N.convert(nn.Sequential(nn.Linear(128, 256), nn.Tanh(), nn.Linear(256, 128)), recipe,
+                        keep_high_precision=[])
+    assert len(student.lowbit_conversion.converted) == 2
+    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(150):
+        x = torch.randn(64, 128, generator=g)
+        with torch.no_grad():
+            y = teacher(x)
+        loss = (student(x) - y).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 / 10, (losses[:3], losses[-3:])
