@@ -7,6 +7,7 @@ weight changes: the cache key is the weight's storage, its version counter (bump
 update, e.g. `optimizer.step()` or `load_state_dict`) and a global counter that every
 `torch.optim` optimizer step increments, so gradient-accumulation micro-batches share one
 quantization. An update that bypasses both (writing through `.data`) must call `clear_weight_cache`.
+Weights partitioned by DeepSpeed ZeRO-3 are not cached (the cache would hold the whole weight).
 """
 from __future__ import annotations
 
@@ -95,6 +96,10 @@ class LowBitLinear(nn.Module):
         if w is not None:
             return quantize_weight(w, self.recipe)
         w = self._weight_2d()
+        if hasattr(self.weight, "ds_tensor"):
+            # a DeepSpeed ZeRO-3 partitioned weight: a cached copy would keep the whole (quantized)
+            # weight on every rank between steps, which is what ZeRO-3 exists to avoid
+            return quantize_weight(w.detach(), self.recipe)
         key = (w.data_ptr(), w._version, _optimizer_steps, w.dtype, w.device, tuple(w.shape))
         if key != self._cache_key:
             self._cache = quantize_weight(w.detach(), self.recipe)
