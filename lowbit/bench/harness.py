@@ -149,7 +149,7 @@ class Limits:
         copy_bytes = (64 << 20) if quick else (512 << 20)
         if device == "cuda":
             copy_bytes *= 4
-        n = 256 if quick else (8192 if device == "cuda" else 2048)
+        n = 1024 if quick else (8192 if device == "cuda" else 2048)
         ct, gbps = copy_bandwidth(copy_bytes, device, **kw)
         mt, tflops = fp32_gemm_throughput(n, device, **kw)
         values = {"copy_GB/s": gbps, "fp32_mm_TFLOP/s": tflops}
