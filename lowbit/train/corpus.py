@@ -14,6 +14,7 @@ import sys
 import sysconfig
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
+STDLIB_LABEL = f"python{sys.version_info.major}.{sys.version_info.minor} stdlib"
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests"}
 
 
@@ -145,7 +146,7 @@ def pretrain_documents(data_cfg) -> tuple[list[str], list[str], str]:
     """(train docs, validation docs, a source label) for pretraining."""
     if data_cfg.train is None:
         tr, va = stdlib_split(data_cfg.val_fraction, data_cfg.max_corpus_mb)
-        return tr, va, f"python{sys.version_info.major}.{sys.version_info.minor} stdlib"
+        return tr, va, STDLIB_LABEL
     docs = read_documents(data_cfg.train, data_cfg.text_key, "train")
     if data_cfg.validation is not None:
         return docs, read_documents(data_cfg.validation, data_cfg.text_key, "validation"), data_cfg.train

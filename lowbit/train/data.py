@@ -102,5 +102,5 @@ def pretrain_data(cfg):
     key = f"{fp}-{vocab_key}"
     train = _cached_stream(tok, lambda: load_docs()["train"], key, d, "train")
     val = _cached_stream(tok, lambda: load_docs()["val"], key, d, "val")
-    source = docs.get("source") or (d.train or "python stdlib")
+    source = d.train or corpus.STDLIB_LABEL
     return tok, Packed(train, d.seq_len), Packed(val, d.seq_len), source

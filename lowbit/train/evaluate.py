@@ -15,6 +15,12 @@ from .data import collate
 IGNORE = -100
 
 
+def _rng_neutral(env: D.Env):
+    """Evaluation must not advance the training RNG (quantized layers draw rounding seeds from it),
+    so a run evaluates or checkpoints at any step without changing what it trains afterwards."""
+    return torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else [])
+
+
 def _batches(dataset, batches: int, batch_size: int, env: D.Env):
     n = min(len(dataset), batches * batch_size)
     mine = list(range(env.rank, n, env.world))
@@ -22,8 +28,18 @@ def _batches(dataset, batches: int, batch_size: int, env: D.Env):
         yield collate([dataset[j] for j in mine[i:i + batch_size]])
 
 
-@torch.no_grad()
 def language_model(model, dataset, *, batches: int, batch_size: int, env: D.Env) -> dict:
+    with _rng_neutral(env), torch.no_grad():
+        return _language_model(model, dataset, batches, batch_size, env)
+
+
+def preference(model, pref, dataset, *, batches: int, batch_size: int, env: D.Env) -> dict:
+    """Mean loss and reward accuracy of the alignment objective on held-out data."""
+    with _rng_neutral(env), torch.no_grad():
+        return _preference(model, pref, dataset, batches, batch_size, env)
+
+
+def _language_model(model, dataset, batches: int, batch_size: int, env: D.Env) -> dict:
     """Token-weighted NLL and perplexity; exact-match = every response token is the argmax
     (equivalent to greedy decoding reproducing the response)."""
     was = model.training
@@ -52,9 +68,7 @@ def language_model(model, dataset, *, batches: int, batch_size: int, env: D.Env)
             "val_exact_match": exact / seqs}
 
 
-@torch.no_grad()
-def preference(model, pref, dataset, *, batches: int, batch_size: int, env: D.Env) -> dict:
-    """Mean loss and reward accuracy of the alignment objective on held-out data."""
+def _preference(model, pref, dataset, batches: int, batch_size: int, env: D.Env) -> dict:
     was = model.training
     model.eval()
     total, acc, n = 0.0, 0.0, 0
