@@ -79,8 +79,9 @@ def _cached_stream(tok, docs_fn, key: str, data_cfg, split: str) -> np.ndarray:
     return arr
 
 
-def pretrain_data(cfg):
-    """(tokenizer, train Packed, validation Packed, source label) for pretraining."""
+def pretrain_data(cfg, tok=None):
+    """(tokenizer, train Packed, validation Packed, source label) for pretraining; `tok` (e.g. the
+    tokenizer of the checkpoint a run starts from) replaces the BPE trained on the corpus."""
     d = cfg.data
     docs: dict = {}
 
@@ -97,7 +98,8 @@ def pretrain_data(cfg):
         for t in docs["train"] + ["\0validation\0"] + docs["val"]:
             h.update(hashlib.sha1(t.encode()).digest())
         fp = h.hexdigest()[:16]
-    tok = tk.get(d, lambda: load_docs()["train"], fp)
+    if tok is None:
+        tok = tk.get(d, lambda: load_docs()["train"], fp)
     vocab_key = hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()[:12]
     key = f"{fp}-{vocab_key}"
     train = _cached_stream(tok, lambda: load_docs()["train"], key, d, "train")

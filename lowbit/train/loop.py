@@ -44,7 +44,7 @@ def prepare(cfg, env):
         return model, tok, train_set, val_set, source
     model, tok = pretrained.load(init, cfg) if init else (None, pretrained.default_tokenizer(cfg))
     if cfg.task == "pretrain":
-        _, train_set, val_set, source = data_mod.pretrain_data(cfg)
+        _, train_set, val_set, source = data_mod.pretrain_data(cfg, tok)
     elif cfg.task == "sft":
         train_set, val_set, source = sft_data.sft_data(cfg, tok)
     else:

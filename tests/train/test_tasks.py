@@ -27,6 +27,10 @@ def test_nvfp4_recipe_trains_resumes_and_exports(tmp_path, cache_dir):
     hf = AutoModelForCausalLM.from_pretrained(full["hf_export"], local_files_only=True)
     assert all(type(m) is not torch.nn.Module and "LowBit" not in type(m).__name__ for m in hf.modules())
     assert hf.num_parameters() == full["parameters"]
+    # continued pretraining from the run: its tokenizer and weights, this run's recipe (none)
+    more = run(load([TINY], SMALL + [f"data.cache_dir={cache_dir}", "train.steps=1", f"model.init_from={full['run_dir']}",
+                                     f"run.dir={tmp_path / 'more'}", "run.export_hf=false"]))
+    assert more["recipe"] == "bf16" and losses(more["run_dir"])[1] < losses(full["run_dir"])[1] - 0.1
 
 
 def test_kldo_alignment(tmp_path, cache_dir):
