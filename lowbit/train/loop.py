@@ -103,6 +103,9 @@ def _run(cfg, env: D.Env) -> dict:
     wall0 = time.time()
     run_dir = run_dir_of(cfg)
     mbs, gbs, accum = batch_sizes(cfg, env)
+    if cfg.objective.fused and env.engine == "torch" and env.world > 1:
+        raise cfgmod.ConfigError("objective.fused: the fused LM head bypasses DDP's forward (no gradient sync); "
+                                 "use the DeepSpeed engine or objective.fused=false")
     for turn in (0, 1):  # rank 0 builds the tokenizer / token caches first, the others then read them
         if (turn == 0) == env.main:
             model, tok, train_set, val_set, source = prepare(cfg, env)

@@ -54,3 +54,13 @@ def test_sft_objective_auto(tmp_path, cache_dir, capsys):
     assert "objective auto: mean target probability" in printed and "recommended objective" in printed
     # an untrained model assigns ~1/vocab to every target: the weak-prior end, where NLL is recommended
     assert out["objective"] == "nll"
+
+
+def test_fused_loss_matches_materialised_logits(tmp_path, cache_dir):
+    sft = os.path.join(ROOT, "sft", "tiny.yaml")
+    common = SMALL + ["train.steps=2", f"data.cache_dir={cache_dir}", "data.synthetic_examples=64",
+                      "run.export_hf=false", "objective.name=neg_p"]
+    a = run(load([sft], common + [f"run.dir={tmp_path / 'a'}"], task="sft"))
+    b = run(load([sft], common + [f"run.dir={tmp_path / 'b'}", "objective.fused=true"], task="sft"))
+    la, lb = losses(a["run_dir"]), losses(b["run_dir"])
+    assert la[1] == pytest.approx(lb[1], rel=1e-5) and la[2] == pytest.approx(lb[2], rel=1e-4)
