@@ -1,4 +1,4 @@
-"""A non-finite loss skips the step (weights untouched, logged); K consecutive ones stop the run."""
+"""A non-finite loss skips the step (weights untouched, logged); K consecutive ones stop the run; spikes are logged."""
 import json
 import os
 
@@ -46,3 +46,20 @@ def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, cache_dir, monkeypat
     assert out["status"] == "stopped" and out["steps"] == 5
     assert "3 consecutive non-finite steps (train.max_bad_steps=3)" in out["message"]
     assert json.load(open(os.path.join(d, "summary.json")))["status"] == "stopped"
+
+
+def test_loss_spike_is_logged(tmp_path, cache_dir, monkeypatch):
+    real = losses_mod.token_loss
+    calls = {"n": 0}
+
+    def token_loss(model, batch, obj, objective=None):
+        calls["n"] += 1
+        loss, st, n = real(model, batch, obj, objective)
+        return (loss * 20 if calls["n"] == 12 else loss), st, n
+    monkeypatch.setattr(losses_mod, "token_loss", token_loss)
+    d = str(tmp_path / "spike")
+    out = run(load([TINY], SMALL + ["train.steps=13", f"data.cache_dir={cache_dir}", f"run.dir={d}",
+                                    "run.export_hf=false"]))
+    spikes = read_metrics(d, "spike")
+    assert out["loss_spikes"] == 1 and [r["step"] for r in spikes] == [12]
+    assert spikes[0]["loss"] > 3 * spikes[0]["running_mean"]
