@@ -1,0 +1,11 @@
+"""Evidence reports: `lowbit report convergence` (or `python -m lowbit.report convergence`).
+
+    lowbit report convergence                       # all three arms, CPU defaults (reports/convergence/)
+    lowbit report convergence --arms ladder --seeds 5 --steps 400
+    lowbit report convergence --smoke               # 5 steps per run on a micro model
+
+Modules: `arms` (what each arm runs), `runner` (one run through `lowbit.train`, reused when
+finished), `spikes` (the injected-gradient-spike loop), `sft_tasks` (strong / weak prior tasks),
+`variants` (nvfp4 without RHT / SR), `noise` (seed band and verdicts), `plots`, `convergence`
+(analysis and the markdown report), `cli`.
+"""

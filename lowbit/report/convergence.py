@@ -1,0 +1,301 @@
+"""`lowbit report convergence`: run the arms, judge gaps against seed noise, write markdown + PNGs.
+
+Output in `out/`: `README.md` (the report), `results.json` (every run's summary and the verdicts),
+`ladder.png`, `ladder_final.png`, `optim.png`, `sft.png`. Runs themselves go to `work/`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from . import arms as A
+from . import noise, plots, runner, sft_tasks
+
+PAPER = {
+    "ladder": "NVFP4 pretraining recipe paper: FP8 and MXFP8 track BF16; NVFP4 with RHT, SR and 2D weights stays "
+              "close to BF16 while removing RHT or SR costs loss; MXFP4 is the worst of the ladder.",
+    "optim": "Stable-SPAM paper: in 4-bit training Stable-SPAM reaches the lowest loss, SPAM is next and Adam is worst; "
+             "the gap widens when gradients spike.",
+    "sft": "Beyond Log Likelihood paper: probability-based objectives (-p, thresholded NLL) beat NLL when the model "
+           "already has a strong prior on the task; NLL wins when the prior is weak.",
+}
+
+
+def fmt(v, digits=4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def pct(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:+.2f} %"
+
+
+def analyse_ladder(res: dict[str, runner.Result], k: float) -> dict:
+    runs = [r for r in res.values() if r.spec.arm == "ladder"]
+    base = [r for r in runs if r.spec.group == A.BASELINE]
+    if not base:
+        return {}
+    b = noise.band([r.val_loss for r in base if r.ok] or [math.nan])
+    base_time = sum(r.summary.get("wall_time_s", math.nan) for r in base) / len(base)
+    rows = []
+    for r in runs:
+        rows.append({"run": r.spec.name, "recipe": r.spec.group, "seed": r.spec.seed, "status": r.summary["status"],
+                     "val_loss": r.val_loss, "rel_gap": noise.rel_gap(r.val_loss, b), "sigmas": noise.sigmas(r.val_loss, b),
+                     "verdict": noise.verdict(r.val_loss, b, k) if r.spec.group != A.BASELINE else "baseline",
+                     "wall_time_s": r.summary.get("wall_time_s"),
+                     "time_vs_bf16": (r.summary.get("wall_time_s") or math.nan) / base_time})
+    return {"band": asdict(b) | {"rel_std": b.rel_std}, "rows": rows}
+
+
+def analyse_optim(res: dict[str, runner.Result], rel_std: float | None, k: float) -> dict:
+    runs = [r for r in res.values() if r.spec.arm == "optim"]
+    out = {}
+    for cond in ("clean", "spikes"):
+        rs = {r.spec.group.split()[0]: r for r in runs if r.spec.group.endswith(cond)}
+        if not rs:
+            continue
+        adam = rs.get("adamw")
+        rows = []
+        for name, r in rs.items():
+            gap = (r.val_loss - adam.val_loss) / adam.val_loss if adam and adam.ok else math.nan
+            sig = gap / rel_std if rel_std and not math.isnan(gap) else math.nan
+            verdict = "reference" if name == "adamw" else (
+                noise.NO_BAND if math.isnan(sig) else noise.INDISTINGUISHABLE if abs(sig) <= k
+                else noise.BETTER if sig < 0 else noise.WORSE)
+            rows.append({"run": r.spec.name, "optimizer": name, "status": r.summary["status"], "val_loss": r.val_loss,
+                         "train_loss": r.summary.get("train_loss"), "gap_vs_adamw": gap, "sigmas": sig,
+                         "verdict": verdict, "spiked_steps": r.summary.get("spiked_steps")})
+        order = [x["optimizer"] for x in sorted(rows, key=lambda x: x["val_loss"] if math.isfinite(x["val_loss"]) else 1e9)]
+        out[cond] = {"rows": rows, "order": order}
+    return out
+
+
+def analyse_sft(res: dict[str, runner.Result], priors: dict, rel_std: float | None, k: float) -> dict:
+    runs = [r for r in res.values() if r.spec.arm == "sft"]
+    out = {}
+    for task in sft_tasks.TASKS:
+        rs = [r for r in runs if r.spec.sft_task == task]
+        if not rs:
+            continue
+        rows = []
+        for r in rs:
+            em = r.summary.get("val_exact_match")
+            n = r.summary.get("val_examples") or None
+            rows.append({"run": r.spec.name, "objective": r.spec.group.split()[1], "status": r.summary["status"],
+                         "val_loss": r.val_loss, "val_exact_match": em, "n_val": n})
+        nll = next((x for x in rows if x["objective"] == "nll"), None)
+        for x in rows:
+            x["loss_gap_vs_nll"] = (x["val_loss"] - nll["val_loss"]) / nll["val_loss"] if nll else math.nan
+            x["em_gap_vs_nll"] = (x["val_exact_match"] - nll["val_exact_match"]) if nll and x["val_exact_match"] \
+                is not None and nll["val_exact_match"] is not None else math.nan
+        best_em = max(rows, key=lambda x: x["val_exact_match"] if x["val_exact_match"] is not None else -1)["objective"]
+        best_loss = min(rows, key=lambda x: x["val_loss"] if math.isfinite(x["val_loss"]) else 1e9)["objective"]
+        out[task] = {"prior_mean_prob": priors.get(task), "rows": rows, "best_exact_match": best_em,
+                     "best_val_loss": best_loss}
+    return out
+
+
+def em_noise(p: float | None, n: int) -> float:
+    """Binomial standard error of an exact-match rate over n held-out examples."""
+    if p is None or n <= 0:
+        return math.nan
+    p = min(max(p, 0.5 / n), 1 - 0.5 / n)
+    return math.sqrt(p * (1 - p) / n)
+
+
+def markdown(s: A.Settings, an: dict, meta: dict, k: float) -> str:
+    L = [f"# Convergence report", "",
+         f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}, device {meta['device']}; "
+         f"{meta['runs']} runs, {meta['wall_min']:.1f} min in total.  ",
+         f"Model: Llama-style, hidden {s.hidden}, {s.layers} layers, {s.heads} heads, MLP {s.intermediate}, "
+         f"{meta.get('parameters', '?')} parameters; data: lowbit's embedded corpus (stdlib source, BPE 4096), "
+         f"sequence {s.seq_len}, batch {s.batch}; {s.steps} pretraining steps at lr {s.lr} (warm-up {s.warmup}, "
+         f"cosine), {s.sft_steps} SFT steps at lr {s.sft_lr}; validation loss over {s.eval_batches} batches.", "",
+         f"Noise rule: the baseline (bf16) runs with {s.baseline_seeds} seeds; a gap inside {k:g} standard "
+         "deviations of those seeds is called **indistinguishable**, never a win or a loss. A standard "
+         f"deviation from {s.baseline_seeds} seeds is itself uncertain (with 3 seeds the true value can be about "
+         "twice the estimate), so only large gaps are conclusive at this scale.", ""]
+    lad = an.get("ladder")
+    if lad:
+        b = lad["band"]
+        L += ["## 1. Recipe ladder", "", f"Paper: {PAPER['ladder']}", "",
+              f"bf16 over {b['n']} seeds: mean {b['mean']:.4f}, std {fmt(b['std'])} "
+              f"({fmt(100 * b['rel_std'], 2)} % of the mean), range {b['low']:.4f}-{b['high']:.4f}.", "",
+              "| run | recipe | seed | final val loss | gap to bf16 mean | sigmas | verdict | wall time vs bf16 |",
+              "|---|---|---|---|---|---|---|---|"]
+        for r in lad["rows"]:
+            L.append(f"| {r['run']} | {r['recipe']} | {r['seed']} | {fmt(r['val_loss'])} | {pct(r['rel_gap'])} | "
+                     f"{fmt(r['sigmas'], 1)} | {r['verdict']} | {fmt(r['time_vs_bf16'], 2)}x |")
+        L += ["", "![ladder loss curves](ladder.png)", "", "![ladder final losses](ladder_final.png)", "",
+              ladder_reading(lad, k), ""]
+    opt = an.get("optim")
+    if opt:
+        L += ["## 2. 4-bit optimizer stability", "", f"Paper: {PAPER['optim']}", "",
+              f"Recipe `{A.OPTIM_RECIPE}` (all block Linears, fprop/dgrad/wgrad), global-norm clipping at 1.0 as in "
+              f"every run. Spikes: from step {s.spikes.start}, every {s.spikes.every} steps, "
+              f"{100 * s.spikes.fraction:g} % of each weight gradient's entries multiplied by {s.spikes.factor:g} "
+              "(before clipping). The noise scale of a gap is the bf16 seeds' relative std (no per-optimizer seeds).",
+              ""]
+        for cond, d in opt.items():
+            L += [f"**{cond}** (lowest loss first: {' < '.join(d['order'])})", "",
+                  "| run | optimizer | final val loss | gap vs AdamW | sigmas | verdict |", "|---|---|---|---|---|---|"]
+            for r in d["rows"]:
+                L.append(f"| {r['run']} | {r['optimizer']} | {fmt(r['val_loss'])} | {pct(r['gap_vs_adamw'])} | "
+                         f"{fmt(r['sigmas'], 1)} | {r['verdict']} |")
+            L.append("")
+        L += ["![optimizer loss curves](optim.png)", "", optim_reading(opt), ""]
+    sft = an.get("sft")
+    if sft:
+        L += ["## 3. SFT objectives across the prior continuum", "", f"Paper: {PAPER['sft']}", "",
+              f"Base: the bf16 seed-{s.seed} pretrained checkpoint of arm 1. Tasks (`lowbit/report/sft_tasks.py`): "
+              "*strong* = continue a window of the pretraining corpus, *weak* = the built-in sort/reverse/add chat "
+              "task. Prior = mean probability of the response tokens under the base model. Exact match = every "
+              "response token is the greedy argmax; its noise is the binomial standard error over the held-out "
+              f"examples ({s.sft_val_examples}).", ""]
+        for task, d in sft.items():
+            L += [f"**{task} prior** (mean target probability {fmt(d['prior_mean_prob'])})", "",
+                  "| run | objective | final val NLL (responses) | exact match | exact match vs nll | NLL vs nll |",
+                  "|---|---|---|---|---|---|"]
+            for r in d["rows"]:
+                L.append(f"| {r['run']} | {r['objective']} | {fmt(r['val_loss'])} | {fmt(r['val_exact_match'], 3)} | "
+                         f"{fmt(r['em_gap_vs_nll'], 3)} | {pct(r['loss_gap_vs_nll'])} |")
+            L.append("")
+        L += ["![SFT loss curves](sft.png)", "", sft_reading(sft, s, k), ""]
+    L += ["## Reproduce", "", "```", meta["command"], "```", "",
+          "Runs are kept in the work folder; rerunning the command reuses finished runs of the same settings.", ""]
+    return "\n".join(L)
+
+
+def ladder_reading(lad: dict, k: float) -> str:
+    rows = [r for r in lad["rows"] if r["verdict"] != "baseline"]
+    ind = [r["recipe"] for r in rows if r["verdict"] == noise.INDISTINGUISHABLE]
+    worse = [f"{r['recipe']} ({pct(r['rel_gap'])}, {fmt(r['sigmas'], 1)} sigma)" for r in rows if r["verdict"] == noise.WORSE]
+    better = [f"{r['recipe']} ({pct(r['rel_gap'])})" for r in rows if r["verdict"] == noise.BETTER]
+    out = [f"Reading: within {k:g} sigma of bf16 (indistinguishable): {', '.join(ind) or 'none'}."]
+    if worse:
+        out.append(f"Worse than bf16 beyond {k:g} sigma: {', '.join(worse)}.")
+    if better:
+        out.append(f"Lower loss than bf16 beyond {k:g} sigma (at this scale a seed effect, not a win): {', '.join(better)}.")
+    nv = {r["recipe"]: r for r in rows if r["recipe"].startswith("nvfp4")}
+    if {"nvfp4", "nvfp4-no-rht", "nvfp4-no-sr"} <= set(nv):
+        out.append("The paper's NVFP4 ablation ordering (removing RHT or SR costs loss) "
+                   + ("is not resolved here: the three NVFP4 variants differ by less than the noise."
+                      if all(nv[x]["verdict"] == noise.INDISTINGUISHABLE for x in nv) and
+                      max(abs(nv[x]["sigmas"]) for x in nv) - min(abs(nv[x]["sigmas"]) for x in nv) <= k
+                      else "shows gaps beyond the noise; see the table for their sign."))
+    return " ".join(out)
+
+
+def optim_reading(opt: dict) -> str:
+    out = []
+    for cond, d in opt.items():
+        paper = ["stable_spam", "spam", "adamw"]
+        got = [o for o in d["order"] if o in paper]
+        decided = [r for r in d["rows"] if r["verdict"] in (noise.BETTER, noise.WORSE)]
+        state = "matches" if got == paper else "differs from"
+        out.append(f"{cond}: observed order {' < '.join(got)} {state} the paper's stable_spam < spam < adamw"
+                   + ("" if decided else ", but every gap to AdamW is inside the noise, so no ordering is established")
+                   + ".")
+    return "Reading: " + " ".join(out)
+
+
+def sft_reading(sft: dict, s: A.Settings, k: float) -> str:
+    out = []
+    for task, d in sft.items():
+        nll = next((r for r in d["rows"] if r["objective"] == "nll"), None)
+        se = em_noise(nll["val_exact_match"] if nll else None, s.sft_val_examples)
+        out.append(f"{task} prior: best exact match {d['best_exact_match']}, best NLL {d['best_val_loss']} "
+                   f"(exact-match noise ~{fmt(se, 3)}; gaps within {k:g}x that are ties).")
+    expect = "the paper expects a probability-based objective to win on the strong prior and nll on the weak one"
+    return "Reading: " + " ".join(out) + f" For comparison, {expect}. NLL on held-out responses favours the nll " \
+        "objective by construction (it is the quantity nll minimises), so exact match is the metric that can show " \
+        "the crossover."
+
+
+def figures(out: Path, res: dict[str, runner.Result], an: dict) -> list[str]:
+    notes = []
+
+    def c(r):
+        return {"train": r.train, "val": r.val}
+    lad = [r for r in res.values() if r.spec.arm == "ladder"]
+    if lad and an.get("ladder"):  # (an sft-only report pretrains its base without a ladder analysis)
+        b = an["ladder"]["band"]
+        notes.append(plots.curves(out / "ladder.png", "Recipe ladder (pretraining)",
+                                  {"all recipes": {r.spec.name.removeprefix("ladder-"): c(r) for r in lad}}, band=b))
+        finals = {r.spec.name.removeprefix("ladder-"): r.val_loss for r in lad if r.ok}
+        if b.get("std") and math.isfinite(b["std"]):
+            notes.append(plots.zoom_val(out / "ladder_final.png", "Final validation loss vs the bf16 seed band",
+                                        finals, b))
+    opt = [r for r in res.values() if r.spec.arm == "optim"]
+    if opt:
+        panels = {cond: {r.spec.group.split()[0]: c(r) for r in opt if r.spec.group.endswith(cond)}
+                  for cond in ("clean", "spikes")}
+        notes.append(plots.curves(out / "optim.png", f"{A.OPTIM_RECIPE}: optimizers, clean and with gradient spikes",
+                                  {k: v for k, v in panels.items() if v}))
+    sft = [r for r in res.values() if r.spec.arm == "sft"]
+    if sft:
+        panels = {f"{t} prior": {r.spec.group.split()[1]: c(r) for r in sft if r.spec.sft_task == t}
+                  for t in sft_tasks.TASKS}
+        notes.append(plots.curves(out / "sft.png", "SFT objectives (loss = the objective's own training loss; "
+                                  "val = response NLL)", {k: v for k, v in panels.items() if v}, window=5))
+    return notes
+
+
+def report(s: A.Settings, arms: tuple[str, ...], work: str, out: str, command: str, k: float = 2.0,
+           say=print) -> dict:
+    """Run (or reuse) every run the arms need, then write the report. Returns the analysis."""
+    t0 = time.time()
+    specs = A.plan(s, arms)
+    res: dict[str, runner.Result] = {}
+    for i, spec in enumerate(specs, 1):
+        say(f"[{i}/{len(specs)}] {spec.name}")
+        res[spec.name] = runner.execute(spec, s, work, say)
+        r = res[spec.name]
+        say(f"  {r.summary['status']}: val loss {fmt(r.val_loss)} ({fmt(r.summary.get('wall_time_s'), 0)} s)")
+    priors = {}
+    if "sft" in arms:
+        for task in sft_tasks.TASKS:
+            spec = next(sp for sp in specs if sp.sft_task == task)
+            priors[task] = sft_tasks.prior(runner.config_of(spec, s, work))
+    an = {}
+    if "ladder" in arms:
+        an["ladder"] = analyse_ladder(res, k)
+    rel_std = an.get("ladder", {}).get("band", {}).get("rel_std")
+    rel_std = rel_std if rel_std and math.isfinite(rel_std) else None
+    if "optim" in arms:
+        an["optim"] = analyse_optim(res, rel_std, k)
+    if "sft" in arms:
+        an["sft"] = analyse_sft(res, priors, rel_std, k)
+    outp = Path(out)
+    outp.mkdir(parents=True, exist_ok=True)
+    params = next((r.summary.get("parameters") for r in res.values() if r.summary.get("parameters")), None)
+    meta = {"command": command, "machine": platform.processor() or platform.machine(),
+            "device": "cuda" if _cuda() else "cpu", "runs": len(specs),
+            "wall_min": sum(r.summary.get("wall_time_s") or 0 for r in res.values()) / 60,
+            "elapsed_min": (time.time() - t0) / 60, "parameters": params}
+    meta["machine"] = _machine()
+    notes = figures(outp, res, an)
+    (outp / "README.md").write_text(markdown(s, an, meta, k))
+    with open(outp / "results.json", "w") as f:
+        json.dump({"settings": asdict(s), "meta": meta, "analysis": an,
+                   "runs": {n: r.summary for n, r in res.items()}}, f, indent=2, default=str)
+    say(f"wrote {outp / 'README.md'}, results.json; " + "; ".join(notes))
+    return an
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _machine() -> str:
+    from lowbit.bench.harness import machine_name
+
+    return machine_name("cuda" if _cuda() else "cpu")
