@@ -142,3 +142,15 @@ def qmatmul(a, b, out_dtype: torch.dtype) -> torch.Tensor:
     A = dequantize(*a, torch.float32)
     B = dequantize(*b, torch.float32)
     return torch.mm(A, B.t()).to(out_dtype)
+
+
+# Stable-SPAM step kernels (csrc/cuda/optim.cu), used by lowbit.optim.kernels; bit-exact with its spec.
+if _C is not None and hasattr(_C, "optim_adam_step"):
+    def optim_grad_stats(grads):
+        return _C.optim_grad_stats(grads)
+
+    def optim_clip_stats(grads, mh, r):
+        return _C.optim_clip_stats(grads, mh, r)
+
+    def optim_adam_step(params, grads, ms, vs, scalars):
+        _C.optim_adam_step(params, grads, ms, vs, scalars)
