@@ -21,29 +21,43 @@ from .. import backends
 
 FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 BLOCK_MIN, BLOCK_MAX = 16, 256
-MODULES = {
-    "ref": "lowbit.backends.ref_attention",
-    "cpu": "lowbit.backends.cpu_attention",
-    "triton": "lowbit.backends.triton.attention_block_sparse",
+MODULES = {  # backend -> modules holding its attention ops (one kernel per file)
+    "ref": ("lowbit.backends.ref_attention",),
+    "cpu": ("lowbit.backends.cpu_attention",),
+    "triton": ("lowbit.backends.triton.attention_block_sparse", "lowbit.backends.triton.attention_block_pool"),
 }
 AUTO_ORDER = {"cpu": ("cpu", "ref"), "cuda": ("triton", "ref")}
 _loaded: dict[str, object] = {}
 
 
-def _module(name: str):
-    if name not in _loaded:
+def _load(path: str):
+    if path not in _loaded:
         try:
-            _loaded[name] = importlib.import_module(MODULES[name])
+            _loaded[path] = importlib.import_module(path)
         except Exception as exc:  # a broken Triton must never break lowbit
-            _loaded[name] = exc
-    return _loaded[name]
+            _loaded[path] = exc
+    return _loaded[path]
+
+
+def _module(name: str, op: str):
+    """The module of backend `name` that defines `op`, else the first import error, else None."""
+    error = None
+    for path in MODULES[name]:
+        mod = _load(path)
+        if isinstance(mod, Exception):
+            error = error or mod
+        elif hasattr(mod, op):
+            return mod
+    return error
 
 
 def why_unavailable(name: str, op: str, device_type: str) -> str | None:
     """None if backend `name` can run attention op `op` on `device_type`, else the reason."""
     if name not in MODULES:
         return "has no attention kernels"
-    mod = _module(name)
+    mod = _module(name, op)
+    if mod is None:
+        return f"does not implement {op}"
     if isinstance(mod, Exception):
         return f"import failed: {mod}"
     reason = mod.unavailable()
@@ -51,8 +65,6 @@ def why_unavailable(name: str, op: str, device_type: str) -> str | None:
         return reason
     if device_type not in mod.devices():
         return f"runs on {'/'.join(mod.devices()) or 'no device here'}, not {device_type}"
-    if not hasattr(mod, op):
-        return f"does not implement {op}"
     return None
 
 
@@ -70,7 +82,7 @@ def resolve(op: str, device_type: str, backend: str | None = None) -> str:
 
 
 def _run(op: str, device_type: str, backend: str):
-    return getattr(_module(resolve(op, device_type, None if backend == "auto" else backend)), op)
+    return getattr(_module(resolve(op, device_type, None if backend == "auto" else backend), op), op)
 
 
 @torch.library.custom_op("lowbit::attention_with_block_pool", mutates_args=())

@@ -1,5 +1,8 @@
 """CPU block-sparse attention whose work scales with the number of selected blocks.
 
+With the C++ extension built (csrc/cpu/attention.cpp), fp32/bf16/fp16 inputs run its kernel: each
+query block reads its selected K/V blocks in place (no gathered copies), one parallel region for the
+whole op. Otherwise (and for fp64) the PyTorch path below runs:
 For every query block the selected key blocks are listed (ascending); query blocks that selected the
 same number c of key blocks are batched: their K and V blocks are gathered into [rows, c * bs, D],
 scored with one batched matmul, soft-maxed in one pass and multiplied by V with a second one. Work
@@ -32,7 +35,40 @@ def _padded_blocks(x: torch.Tensor, n: int, block_size: int, ct: torch.dtype) ->
     return x.reshape(B * H * n, block_size, D)
 
 
+def block_lists(block_mask: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counts [B*H*n] int32, cols [B*H*n, n] int32): each query block's selected key blocks, ascending."""
+    n, dev = block_mask.shape[-1], block_mask.device
+    keep = block_mask | torch.eye(n, dtype=torch.bool, device=dev)
+    if causal:
+        keep = keep & torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+    keep = keep.reshape(-1, n)
+    ar = torch.arange(n, dtype=torch.int32, device=dev)
+    cols = torch.where(keep, ar, torch.full_like(ar, n)).sort(-1).values
+    return keep.sum(-1, dtype=torch.int32).contiguous(), cols.to(torch.int32).contiguous()
+
+
+def _native():
+    try:
+        from .. import _C
+    except Exception:  # no compiler at install time: the PyTorch path serves
+        return None
+    return getattr(_C, "block_sparse_attention_f32", None)
+
+
 def block_sparse_attention(q, k, v, block_mask, block_size: int, causal: bool, scale: float):
+    kernel = _native()
+    if kernel is not None and q.dtype != torch.float64:
+        B, Hk, S, D = k.shape
+        n = -(-S // block_size)
+        kt = F.pad(k.float(), (0, 0, 0, n * block_size - S)).view(B, Hk, n, block_size, D).transpose(-1, -2)
+        counts, cols = block_lists(block_mask, causal)
+        out = kernel(q.float().contiguous(), kt.contiguous(), v.float().contiguous(), counts, cols, block_size,
+                     causal, scale)
+        return out.to(q.dtype)
+    return blocks_in_torch(q, k, v, block_mask, block_size, causal, scale)
+
+
+def blocks_in_torch(q, k, v, block_mask, block_size: int, causal: bool, scale: float):
     B, H, S, D = q.shape
     Hk, Dv = k.shape[1], v.shape[-1]
     g = H // Hk

@@ -120,8 +120,23 @@ def test_every_backend_matches_ref(backend, shape, causal):
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
-def test_cpu_backend_varied_row_counts_and_chunks(monkeypatch):
-    # many rows with different numbers of selected blocks, split over several chunks
+@pytest.mark.triton
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", SHAPES[1:3])
+def test_triton_block_pool_matches_ref(shape, causal):
+    reason = aops.why_unavailable("triton", "attention_with_block_pool", "cpu")
+    if reason:
+        pytest.skip(f"triton: {reason}")
+    B, H, Hk, S, D, bs = shape
+    q, k, v = qkv(B, H, Hk, S, D, seed=15)
+    out, pooled = attention_with_block_pool(q, k, v, bs, causal, backend="triton")
+    ref_out, ref_pooled = attention_with_block_pool(q, k, v, bs, causal, backend="ref")
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pooled, ref_pooled, atol=1e-6, rtol=0)
+
+
+def test_cpu_backend_both_paths_with_varied_row_counts(monkeypatch):
+    # many rows with different numbers of selected blocks; the PyTorch path split over several chunks
     from lowbit.backends import cpu_attention
 
     monkeypatch.setattr(cpu_attention, "PAIRS_PER_CHUNK", 5)
@@ -129,8 +144,27 @@ def test_cpu_backend_varied_row_counts_and_chunks(monkeypatch):
     mask = torch.rand(2, 2, 12, 12, generator=torch.Generator().manual_seed(9)) < 0.5
     for causal in (True, False):
         ref = block_sparse_attention(q, k, v, mask, 16, causal, backend="ref")
-        torch.testing.assert_close(block_sparse_attention(q, k, v, mask, 16, causal, backend="cpu"), ref,
+        torch.testing.assert_close(cpu_attention.blocks_in_torch(q, k, v, mask, 16, causal, 0.25), ref,
                                    atol=1e-5, rtol=0)
+        if cpu_attention._native() is not None:
+            torch.testing.assert_close(cpu_attention.block_sparse_attention(q, k, v, mask, 16, causal, 0.25), ref,
+                                       atol=1e-5, rtol=0)
+
+
+def test_cpu_native_kernel_is_built():
+    from lowbit.backends import cpu_attention
+
+    pytest.importorskip("lowbit._C")
+    if cpu_attention._native() is None:
+        pytest.skip("lowbit._C predates csrc/cpu/attention.cpp; rebuild with pip install -e .")
+    q, k, v = qkv(1, 4, 2, 200, 64, seed=13)
+    mask = torch.rand(1, 4, 4, 4, generator=torch.Generator().manual_seed(14)) < 0.4
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        a, b, c = (x.to(dtype) for x in (q, k, v))
+        out = cpu_attention.block_sparse_attention(a, b, c, mask, 64, True, 0.125)
+        assert out.dtype == dtype
+        ref = block_sparse_attention(a, b, c, mask, 64, True, backend="ref")
+        torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=0)  # bf16: output rounding 2^-8
 
 
 def test_auto_backend_on_cpu_is_the_fast_one():

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..cpu_attention import block_lists
 from . import _check as _check_tensors
 
 
@@ -76,18 +77,6 @@ def _block_sparse_fwd(Q, K, V, O, counts, cols, scale, S, H, G, N_BLOCKS,
     out = acc / l_i[:, None]
     o_ptr = O + b * sob + h * soh + offs_m[:, None] * sos + offs_dv[None, :]
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < S) & (offs_dv[None, :] < DV))
-
-
-def block_lists(block_mask: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(counts [B*H*n] int32, cols [B*H*n, n] int32): each row's selected key blocks, ascending."""
-    n = block_mask.shape[-1]
-    keep = block_mask | torch.eye(n, dtype=torch.bool, device=block_mask.device)
-    if causal:
-        keep = keep & torch.ones(n, n, dtype=torch.bool, device=block_mask.device).tril()
-    keep = keep.reshape(-1, n)
-    ar = torch.arange(n, device=keep.device, dtype=torch.int32)
-    cols = torch.where(keep, ar, torch.full_like(ar, n)).sort(-1).values
-    return keep.sum(-1, dtype=torch.int32).contiguous(), cols.to(torch.int32).contiguous()
 
 
 def block_sparse_attention(q, k, v, block_mask, block_size: int, causal: bool, scale: float):
