@@ -44,10 +44,14 @@ def evaluate_checkpoint(args) -> dict:
     task = sft_data.Examples([sft_data.encode_chat(tok, [("user", p), ("assistant", r)], cfg.data.seq_len)
                               for p, r in held_out])
     sft = evaluate.language_model(model, task, batches=len(task), batch_size=args.batch_size, env=env)
-    return {"checkpoint": where, "recipe": cfg.quant.recipe if kind == "lowbit" else "none (HF export)",
+    res = {"checkpoint": where, "recipe": cfg.quant.recipe if kind == "lowbit" else "none (HF export)",
             "data": source, "val_loss": lm["val_loss"], "val_ppl": lm["val_ppl"], "val_tokens": lm["val_tokens"],
             "sft_task_exact_match": sft["val_exact_match"], "sft_task_loss": sft["val_loss"],
-            "sft_task_examples": len(task)}
+            "sft_task_examples": len(task), "attention": args.attention}
+    if args.attention == "seer":
+        from ..attention import measured_density
+        res["seer_measured_density"] = measured_density(model)
+    return res
 
 
 def _apply_seer(model, args):
