@@ -382,3 +382,7 @@ def devices() -> tuple[str, ...]:
 
 def unavailable() -> str | None:
     return None
+
+
+# SeerAttention references (kept in their own file): attention_with_block_pool, block_sparse_attention
+from .ref_attention import attention_with_block_pool, block_sparse_attention  # noqa: E402,F401
