@@ -140,7 +140,9 @@ def markdown(s: A.Settings, an: dict, meta: dict, k: float) -> str:
               f"Recipe `{A.OPTIM_RECIPE}` (all block Linears, fprop/dgrad/wgrad), global-norm clipping at 1.0 as in "
               f"every run. Spikes: from step {s.spikes.start}, every {s.spikes.every} steps, "
               f"{100 * s.spikes.fraction:g} % of each weight gradient's entries multiplied by {s.spikes.factor:g} "
-              "(before clipping). The noise scale of a gap is the bf16 seeds' relative std (no per-optimizer seeds).",
+              "(before clipping). These runs use the loop of `lowbit/report/spikes.py`, which without spikes gives "
+              "`lowbit.train.run`'s losses bit for bit (tests/report). The noise scale of a gap is the bf16 seeds' "
+              "relative std (no per-optimizer seeds).",
               ""]
         for cond, d in opt.items():
             L += [f"**{cond}** (lowest loss first: {' < '.join(d['order'])})", "",

@@ -59,3 +59,19 @@ def test_sft_arm(work):
         assert all(0 <= r["val_exact_match"] <= 1 and math.isfinite(r["val_loss"]) for r in task["rows"])
     assert res["runs"]["sft-weak-neg_p-s0"]["objective"] == "neg_p"
     assert (out / "sft.png").exists() and "## 3. SFT objectives" in (out / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_spike_loop_without_spikes_is_the_training_loop(tmp_path):
+    """The optim arm's loop with no spikes gives lowbit.train.run's losses bit for bit."""
+    import dataclasses
+
+    from lowbit.report import arms, runner, spikes
+    from lowbit.train import run
+
+    s = dataclasses.replace(arms.Settings(), **cli.SMOKE)
+    spec = arms.optim(s)[0]
+    a = spikes.train(runner.config_of(spec, s, str(tmp_path / "a")), None)
+    b = run(runner.config_of(spec, s, str(tmp_path / "b")))
+    (ta, va), (tb, vb) = runner.curves(a["run_dir"]), runner.curves(b["run_dir"])
+    assert len(ta) == 5 and ta == tb and va == vb and a["val_loss"] == b["val_loss"]
