@@ -14,15 +14,24 @@ SMOKE = dict(steps=5, sft_steps=5, baseline_seeds=2, hidden=64, layers=2, heads=
              spikes=SpikePlan(start=2, every=2))
 
 
+def recipe_names() -> list[str]:
+    from lowbit.nn.recipe import RECIPE_NAMES
+
+    from .variants import VARIANTS
+    return list(RECIPE_NAMES) + list(VARIANTS)
+
+
 def parser() -> argparse.ArgumentParser:
     d = A.Settings()
     p = argparse.ArgumentParser(prog="lowbit report", description="evidence reports; `convergence`: recipe ladder, "
                                 "4-bit optimizer stability and SFT objectives on a tiny model")
     p.add_argument("report", choices=["convergence"])
     p.add_argument("--arms", nargs="+", choices=A.ARMS, default=list(A.ARMS))
-    p.add_argument("--recipes", nargs="+", default=list(A.LADDER), help="ladder arm recipes (bf16 is the baseline)")
+    p.add_argument("--recipes", nargs="+", default=list(A.LADDER), choices=recipe_names(),
+                   help="ladder arm recipes (bf16 is the baseline)")
     p.add_argument("--optimizers", nargs="+", default=list(A.OPTIMIZERS), choices=A.OPTIMIZERS)
-    p.add_argument("--objectives", nargs="+", default=list(A.OBJECTIVES))
+    p.add_argument("--objectives", nargs="+", default=list(A.OBJECTIVES),
+                   choices=["nll", "neg_p", "f_alpha", "threshold", "top_p", "bottom_p"])
     p.add_argument("--steps", type=int, default=d.steps, help=f"pretraining steps per run (default {d.steps})")
     p.add_argument("--sft-steps", type=int, default=d.sft_steps, help=f"SFT steps per run (default {d.sft_steps})")
     p.add_argument("--seeds", type=int, default=d.baseline_seeds,

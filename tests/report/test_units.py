@@ -93,3 +93,17 @@ def test_corpus_pieces():
 
 def test_smooth():
     assert plots.smooth([(1, 1.0), (2, 3.0), (3, 5.0)], 2) == [(1, 1.0), (2, 2.0), (3, 4.0)]
+
+
+def test_cli_settings():
+    from lowbit.report import cli
+
+    args = cli.parser().parse_intermixed_args(["convergence", "optim.weight_decay=0.1", "--steps", "50", "--seeds", "4",
+                                               "--recipes", "bf16", "mxfp4"])
+    s = cli.settings_of(args)
+    assert (s.steps, s.baseline_seeds, s.recipes, s.overrides) == (50, 4, ("bf16", "mxfp4"), ("optim.weight_decay=0.1",))
+    smoke = cli.settings_of(cli.parser().parse_intermixed_args(["convergence", "--smoke"]))
+    assert smoke.steps == 5 and smoke.spikes.at(2) and smoke.spikes.at(4)  # spikes land inside 5 steps
+    for bad in (["--optimizers", "sgd"], ["--recipes", "bf16", "nvfp3"], ["--objectives", "mse"]):
+        with pytest.raises(SystemExit):
+            cli.parser().parse_intermixed_args(["convergence", *bad])
