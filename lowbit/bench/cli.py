@@ -59,11 +59,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="output directory (default bench/results/<machine>/)")
     p.add_argument("--quick", action="store_true", help="small shapes and short timings (seconds per suite)")
     p.add_argument("--list", action="store_true", help="list the suites and whether each is available")
+    p.add_argument("--markdown", type=Path, metavar="CSV", help="print a results CSV as a markdown table and exit")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.markdown:
+        from .suite import markdown
+        print(markdown(harness.read_csv(args.markdown)))
+        return 0
     found, missing = discover()
     if args.list or not args.suites:
         for name in list(found) + [n for n in missing if n not in found]:

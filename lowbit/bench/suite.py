@@ -195,6 +195,32 @@ def console_table(suite: str, records: list[dict], peers: list[str], print_fn=pr
     Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
+def markdown(records: list[dict]) -> str:
+    """A results CSV (as read by `harness.read_csv`) as a markdown table: the limits, then one row per case."""
+    if not records:
+        raise ValueError("records: the CSV holds no rows")
+    peers = [c[len("speedup_vs_"):] for c in records[0] if c.startswith("speedup_vs_")]
+    limits = [r for r in records if r["case"].startswith("limit ")]
+    out = ["Limits: " + ", ".join(f"{r['case'][6:]} {float(r['rate']):.4g}" for r in limits) + ".", "",
+           "| case | shape | dtype | p50 ms | rate | of limit | " + " | ".join(f"vs {p}" for p in peers) + " |",
+           "|---" * (6 + len(peers)) + "|"]
+
+    def num(v, spec, suffix=""):
+        try:
+            return f"{float(v):{spec}}{suffix}"
+        except (TypeError, ValueError):
+            return v or ""
+    for r in records:
+        if r["case"].startswith("limit "):
+            continue
+        rate = f"{num(r['rate'], '.4g')} {r['unit']}" if r.get("rate") else ""
+        lim = num(100 * float(r["ratio_to_limit"]), ".1f", " %") if r.get("ratio_to_limit") else ""
+        cells = [r["case"], r["shape"], r["dtype"], num(r["p50_ms"], ".3g"), rate, lim]
+        cells += [num(r[f"speedup_vs_{p}"], ".2f", "x") for p in peers]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def default_plot(path: Path, suite: str, records: list[dict], peers: list[str]) -> str:
     """Bars per case: the fraction of the machine limit, and the speedup over each timed peer."""
     rows = [r for r in records if r.get("p50_ms") is not None and not r["case"].startswith("limit ")]

@@ -125,3 +125,15 @@ def test_cli_runs_a_suite_and_reports_unavailable_ones(extra_suites, tmp_path, c
 def test_makefile_script_delegates_to_the_cli():
     text = (Path(__file__).resolve().parents[2] / "bench" / "bench_quantize.py").read_text()
     assert 'main(["quantize", "hadamard", "qmatmul", *sys.argv[1:]])' in text
+
+
+def test_markdown_of_a_results_csv(tmp_path, capsys):
+    ctx = ctx_for(tmp_path)
+    rows = [Row("a", Timing("t", [0.002]), shape="4x4", dtype="bfloat16", work=4e7, unit="GB/s", limit="copy_GB/s",
+                peers={"torch": Timing("p", [0.006])}, params={"format": "mxfp4"})]
+    path, _ = suite.finish("fake", FakeSuite, rows, ctx)
+    assert cli.main(["--markdown", str(path)]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert text[0] == "Limits: copy_GB/s 10, fp32_mm_TFLOP/s 0.1."
+    assert text[2] == "| case | shape | dtype | p50 ms | rate | of limit | vs torch | vs ghost |"
+    assert text[4] == "| a | 4x4 | bfloat16 | 2 | 20 GB/s | 200.0 % | 3.00x | absent |"
