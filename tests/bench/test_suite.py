@@ -132,6 +132,7 @@ def test_markdown_of_a_results_csv(tmp_path, capsys):
     rows = [Row("a", Timing("t", [0.002]), shape="4x4", dtype="bfloat16", work=4e7, unit="GB/s", limit="copy_GB/s",
                 peers={"torch": Timing("p", [0.006])}, params={"format": "mxfp4"})]
     path, _ = suite.finish("fake", FakeSuite, rows, ctx)
+    capsys.readouterr()  # the console table
     assert cli.main(["--markdown", str(path)]) == 0
     text = capsys.readouterr().out.splitlines()
     assert text[0] == "Limits: copy_GB/s 10, fp32_mm_TFLOP/s 0.1."
