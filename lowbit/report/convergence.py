@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import time
 from dataclasses import asdict
@@ -116,7 +115,7 @@ def em_noise(p: float | None, n: int) -> float:
 
 
 def markdown(s: A.Settings, an: dict, meta: dict, k: float) -> str:
-    L = [f"# Convergence report", "",
+    L = ["# Convergence report", "",
          f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}, device {meta['device']}; "
          f"{meta['runs']} runs, {meta['wall_min']:.1f} min in total.  ",
          f"Model: Llama-style, hidden {s.hidden}, {s.layers} layers, {s.heads} heads, MLP {s.intermediate}, "
