@@ -264,10 +264,11 @@ def figures(out: Path, res: dict[str, runner.Result], an: dict) -> list[str]:
                                   {k: v for k, v in panels.items() if v}))
     sft = [r for r in res.values() if r.spec.arm == "sft"]
     if sft:
-        panels = {f"{t} prior": {r.spec.group.split()[1]: c(r) for r in sft if r.spec.sft_task == t}
+        # training losses of different objectives are on different scales: only the held-out NLL is drawn
+        panels = {f"{t} prior": {r.spec.group.split()[1]: {"val": r.val} for r in sft if r.spec.sft_task == t}
                   for t in sft_tasks.TASKS}
-        notes.append(plots.curves(out / "sft.png", "SFT objectives (loss = the objective's own training loss; "
-                                  "val = response NLL)", {k: v for k, v in panels.items() if v}, window=5))
+        notes.append(plots.curves(out / "sft.png", "SFT objectives: held-out NLL of the responses",
+                                  {k: v for k, v in panels.items() if v}, window=5))
     return notes
 
 

@@ -45,7 +45,8 @@ def curves(path: Path, title: str, panels: dict[str, dict[str, dict]], band: dic
                 ax.plot([s for s, _ in tr], [v for _, v in tr], color=color, lw=1.2, label=label)
             va = c.get("val", [])
             if va:
-                ax.plot([s for s, _ in va], [v for _, v in va], color=color, ls="--", marker="o", ms=3, lw=0.8)
+                ax.plot([s for s, _ in va], [v for _, v in va], color=color, ls="--", marker="o", ms=3, lw=0.8,
+                        label=None if tr else label)
         if band is not None:
             last = max((s for c in series.values() for s, _ in c.get("val", [])), default=None)
             if last is not None:
@@ -53,7 +54,8 @@ def curves(path: Path, title: str, panels: dict[str, dict[str, dict]], band: dic
                                 label="baseline seed range (val)")
         ax.set_title(ptitle, fontsize=10)
         ax.set_xlabel("step")
-        ax.set_ylabel(f"loss (train: mean of {window} steps; val: dashed)")
+        has_train = any(c.get("train") for c in series.values())
+        ax.set_ylabel(f"loss (train: mean of {window} steps; val: dashed)" if has_train else "validation loss")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=11)
