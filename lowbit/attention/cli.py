@@ -119,7 +119,7 @@ def _validate(c: SeerConfig) -> None:
 # ---------------------------------------------------------------- model and data
 
 def load_base(checkpoint: Optional[str], random_cfg: RandomModel | None = None, seed: int = 0):
-    """(frozen model, tokenizer or None, data config or None)."""
+    """(frozen model, tokenizer or None, the checkpoint's config / data section or None)."""
     if checkpoint is None:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -139,22 +139,33 @@ def load_base(checkpoint: Optional[str], random_cfg: RandomModel | None = None, 
             tok = None
         return model.eval(), tok, cfgmod.Config().data if tok is not None else None
     model, tok = pretrained.load(where)
-    return model.eval(), tok, pretrained.checkpoint_config(where).data
+    return model.eval(), tok, pretrained.checkpoint_config(where)
 
 
 def token_source(tok, data_cfg, seq_len: int, max_corpus_mb, split: str):
-    """Packed sequences [N, seq_len] of the model's own text, or None when the model has no tokenizer."""
+    """Packed sequences [N, seq_len] of the model's own text, or None when the model has no tokenizer.
+
+    data_cfg is the checkpoint's full config (lowbit checkpoints: its cached token arrays are reused)
+    or a data section (HF exports: the documents are tokenized with the export's tokenizer)."""
     if tok is None:
         return None
     import copy
 
     from ..train import corpus, data as data_mod
 
-    d = copy.copy(data_cfg)
-    if max_corpus_mb is not None:
-        d.max_corpus_mb = max_corpus_mb
-    train_docs, val_docs, _ = corpus.pretrain_documents(d)
-    packed = data_mod.Packed(data_mod.tokenize_stream(tok, train_docs if split == "train" else val_docs), seq_len)
+    if hasattr(data_cfg, "data"):  # a lowbit run config
+        cfg = copy.deepcopy(data_cfg)
+        cfg.data.seq_len = seq_len
+        if max_corpus_mb is not None:
+            cfg.data.max_corpus_mb = max_corpus_mb
+        _, train, val, _ = data_mod.pretrain_data(cfg)
+        packed = train if split == "train" else val
+    else:
+        d = copy.copy(data_cfg)
+        if max_corpus_mb is not None:
+            d.max_corpus_mb = max_corpus_mb
+        train_docs, val_docs, _ = corpus.pretrain_documents(d)
+        packed = data_mod.Packed(data_mod.tokenize_stream(tok, train_docs if split == "train" else val_docs), seq_len)
     if len(packed) == 0:
         raise ValueError(f"data.seq_len: the {split} text holds no complete sequence of {seq_len} tokens")
     return torch.from_numpy(packed.tokens[: len(packed) * seq_len].astype("int64")).view(len(packed), seq_len)
