@@ -225,8 +225,13 @@ def _distill(cfg: SeerConfig, rank: int, world: int, dev: torch.device) -> int:
     say = print if rank == 0 else (lambda *a, **k: None)
     model, tok, data_cfg = load_base(cfg.model.checkpoint, cfg.model.random, cfg.train.seed)
     model.to(dev)
+    torch.manual_seed(cfg.train.seed)  # the same gate init on every rank and rerun
     gates = seer_model.attach_gates(model, block_size=cfg.gate.block_size, gate_dim=cfg.gate.gate_dim,
                                     q_pool=tuple(cfg.gate.q_pool), k_pool=tuple(cfg.gate.k_pool))
+    if world > 1:
+        for g in gates:
+            for prm in g.parameters():
+                tdist.broadcast(prm.data, 0)
     vocab = model.config.vocab_size
     train_seqs = token_source(tok, data_cfg, cfg.data.seq_len, cfg.data.max_corpus_mb, "train")
     val_seqs = token_source(tok, data_cfg, cfg.data.seq_len, cfg.data.max_corpus_mb, "validation")
