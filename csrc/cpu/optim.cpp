@@ -30,8 +30,9 @@ struct PairwiseTree {
   int level[64];
   int n = 0;
 
-  inline void push(Lanes x) {
-    int l = 0;
+  // `x` is a complete subtree of 2^l rows; pushes of a stream come in row order, levels never rising
+  // after a lower one (full blocks first, then single rows).
+  inline void push(Lanes x, int l) {
     while (n > 0 && level[n - 1] == l) {
       const Lanes& left = s[n - 1];
       for (int k = 0; k < kLanes; ++k) x.v[k] = left.v[k] + x.v[k];
@@ -66,43 +67,59 @@ struct StatItem {
   int64_t count;
 };
 
-// Rows [row0, row1) of one tensor: max |g| (or the clip count) and the subtree sum of squares.
+// One row of the statistics pass: fp64 squares of the 16 values (clipped with kClip) and, lane by
+// lane, the running max |g| (or the clip count); lane-wise so that the loop vectorises.
+template <bool kClip>
+inline void square_row(const float* src, double* q, float* mx, int32_t* cnt, float mh, float r) {
+  for (int k = 0; k < kLanes; ++k) {
+    float x = src[k];
+    const float a = std::fabs(x);
+    if (kClip) {
+      const bool c = a > mh;
+      cnt[k] += c;
+      x = c ? x * r : x;
+    } else {
+      mx[k] = a > mx[k] ? a : mx[k];
+    }
+    q[k] = static_cast<double>(x) * static_cast<double>(x);
+  }
+}
+
+constexpr int kBlockRows = 16;  // rows summed as one complete subtree before entering the counter
+
+// Rows [row0, row1) of one tensor (row0 a multiple of kBlockRows): max |g| (or the clip count) and
+// the subtree sum of squares. Full blocks of 16 rows are reduced in registers (an aligned complete
+// subtree of the spec's tree) and pushed at level 4; the tail goes row by row.
 template <bool kClip>
 void stat_rows(const float* g, int64_t n, StatItem& it, float mh, float r) {
   PairwiseTree tree;
-  float amax = 0.f;
-  int64_t count = 0;
-  for (int64_t row = it.row0; row < it.row1; ++row) {
+  float mx[kLanes] = {};
+  int32_t cnt[kLanes] = {};
+  int64_t row = it.row0;
+  for (; row + kBlockRows <= it.row1 && (row + kBlockRows) * kLanes <= n; row += kBlockRows) {
+    Lanes q[kBlockRows];
+    const float* src = g + row * kLanes;
+    for (int j = 0; j < kBlockRows; ++j) square_row<kClip>(src + j * kLanes, q[j].v, mx, cnt, mh, r);
+    for (int w = kBlockRows; w > 1; w /= 2)
+      for (int j = 0; j < w / 2; ++j)
+        for (int k = 0; k < kLanes; ++k) q[j].v[k] = q[2 * j].v[k] + q[2 * j + 1].v[k];
+    tree.push(q[0], 4);
+  }
+  for (; row < it.row1; ++row) {
     Lanes q;
+    float src[kLanes];
     const int64_t base = row * kLanes;
-    if (base + kLanes <= n) {
-      for (int k = 0; k < kLanes; ++k) {
-        float x = g[base + k];
-        if (kClip) {
-          const bool c = std::fabs(x) > mh;
-          count += c;
-          x = c ? x * r : x;
-        } else {
-          amax = std::max(amax, std::fabs(x));
-        }
-        q.v[k] = static_cast<double>(x) * static_cast<double>(x);
-      }
-    } else {  // the last row, zero padded
-      for (int k = 0; k < kLanes; ++k) {
-        float x = base + k < n ? g[base + k] : 0.f;
-        if (kClip) {
-          const bool c = std::fabs(x) > mh;
-          count += c;
-          x = c ? x * r : x;
-        } else {
-          amax = std::max(amax, std::fabs(x));
-        }
-        q.v[k] = static_cast<double>(x) * static_cast<double>(x);
-      }
-    }
-    tree.push(q);
+    for (int k = 0; k < kLanes; ++k) src[k] = base + k < n ? g[base + k] : 0.f;
+    square_row<kClip>(src, q.v, mx, cnt, mh, r);
+    tree.push(q, 0);
   }
   it.sum = tree.fold();
+  float amax = 0.f;
+  int64_t count = 0;
+  for (int k = 0; k < kLanes; ++k) {
+    amax = std::max(amax, mx[k]);
+    count += cnt[k];
+  }
   it.amax = amax;
   it.count = count;
 }
@@ -150,7 +167,7 @@ at::Tensor stats_impl(const std::vector<at::Tensor>& grads, const std::vector<do
     float amax = 0.f;
     int64_t count = 0;
     for (; i < items.size() && items[i].tensor == t; ++i) {
-      tree.push(items[i].sum);
+      tree.push(items[i].sum, 0);
       amax = std::max(amax, items[i].amax);
       count += items[i].count;
     }

@@ -161,6 +161,8 @@ def attach(engine) -> PartitionLayout | None:
     client = getattr(outer, "optimizer", None)
     layout = layout_of(outer)
     if layout is None:  # stage 0: DeepSpeed steps the original parameters (maybe through a wrapper)
+        if not isinstance(outer, torch.optim.Optimizer) and not isinstance(client, torch.optim.Optimizer):
+            raise TypeError(f"engine: expected a DeepSpeed engine or ZeRO optimizer, got {type(engine).__name__}")
         return None
     if hasattr(client, "set_partition_layout"):
         client.set_partition_layout(layout)

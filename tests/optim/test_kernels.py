@@ -175,3 +175,39 @@ def test_low_precision_state_runs_native_elementwise():
         out[backend] = [p.detach().clone() for p in ps]
     for a, b in zip(out["ref"], out["cpu"]):
         assert torch.equal(a, b)
+
+
+def _cuda_native():
+    return torch.cuda.is_available() and backends.why_unavailable("cuda", "optim_adam_step", "cuda") is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _cuda_native(), reason="no GPU, or lowbit._C_cuda without optimizer kernels")
+def test_cuda_kernels_bit_exact_with_spec_on_cuda():
+    """The spec run with torch on the GPU against csrc/cuda/optim.cu: statistics and the step."""
+    gs = [g.cuda() for g in _tensors(SIZES)]
+    with backends.use_backend("ref"):
+        ref = kernels.grad_stats(gs)
+    with backends.use_backend("cuda"):
+        got = kernels.grad_stats(gs)
+    assert ref == got
+    mh = [kernels.f32(0.3 * a) for a in ref[0]]
+    r = [kernels.f32(0.25)] * len(gs)
+    with backends.use_backend("ref"):
+        ref_c = kernels.clip_stats(gs, mh, r)
+    with backends.use_backend("cuda"):
+        got_c = kernels.clip_stats(gs, mh, r)
+    assert ref_c == got_c
+    sizes = [n for n in SIZES if n]
+    params, grads, ms, vs = (
+        [t.cuda() for t in _tensors(sizes, s)] for s in (1, 2, 3, 4))
+    vs = [v.abs() for v in vs]
+    scalars = [_scalars(i, clip=i % 2 == 0, zero=i % 3 == 0) for i in range(len(sizes))]
+    a = [[t.clone() for t in ts] for ts in (params, ms, vs)]
+    b = [[t.clone() for t in ts] for ts in (params, ms, vs)]
+    with backends.use_backend("ref"):
+        kernels.adam_step(a[0], grads, a[1], a[2], scalars)
+    with backends.use_backend("cuda"):
+        kernels.adam_step(b[0], grads, b[1], b[2], scalars)
+    for x, y in zip(sum(a, []), sum(b, [])):
+        assert torch.equal(x, y)
