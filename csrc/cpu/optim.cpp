@@ -10,6 +10,7 @@
 #include <cmath>
 #include <vector>
 
+#include "adam.h"
 #include "lowbit/registry.h"
 
 namespace lowbit::cpu::optim {
@@ -190,30 +191,6 @@ at::Tensor clip_stats(const std::vector<at::Tensor>& grads, const std::vector<do
   return stats_impl<true>(grads, mh, r);
 }
 
-// The per-tensor scalars, in the order of lowbit.optim.kernels.SCALARS, as fp32.
-struct Scalars {
-  bool clip, zero;
-  float mh, r, f, b1, omb1, b2, omb2, inv_sbc2, eps, decay, step;
-};
-
-template <bool kClip, bool kZero>
-void adam_range(float* __restrict p, const float* __restrict g, float* __restrict m, float* __restrict v, int64_t n,
-                const Scalars& s) {
-  for (int64_t i = 0; i < n; ++i) {
-    float x = g[i];
-    if (kClip) x = std::fabs(x) > s.mh ? x * s.r : x;
-    x = x * s.f;
-    float mm = kZero ? 0.f : m[i];
-    float vv = kZero ? 0.f : v[i];
-    mm = mm * s.b1 + x * s.omb1;
-    vv = vv * s.b2 + (x * x) * s.omb2;
-    const float u = mm / (std::sqrt(vv) * s.inv_sbc2 + s.eps);
-    p[i] = p[i] * s.decay - u * s.step;
-    m[i] = mm;
-    v[i] = vv;
-  }
-}
-
 void adam_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                const std::vector<at::Tensor>& ms, const std::vector<at::Tensor>& vs, const at::Tensor& scalars) {
   const int64_t nt = static_cast<int64_t>(params.size());
@@ -238,11 +215,7 @@ void adam_step(const std::vector<at::Tensor>& params, const std::vector<at::Tens
     const int64_t n = params[t].numel();
     TORCH_CHECK(grads[t].numel() == n && ms[t].numel() == n && vs[t].numel() == n,
                 "params, grads, ms, vs: tensor ", t, " differs in size");
-    const double* row = sc + 13 * t;
-    s[t] = {row[0] != 0.0, row[12] != 0.0, static_cast<float>(row[1]), static_cast<float>(row[2]),
-            static_cast<float>(row[3]), static_cast<float>(row[4]), static_cast<float>(row[5]),
-            static_cast<float>(row[6]), static_cast<float>(row[7]), static_cast<float>(row[8]),
-            static_cast<float>(row[9]), static_cast<float>(row[10]), static_cast<float>(row[11])};
+    s[t] = scalars_from_row(sc + 13 * t);
     pp[t] = params[t].data_ptr<float>();
     gp[t] = grads[t].data_ptr<float>();
     mp[t] = ms[t].data_ptr<float>();
@@ -260,10 +233,7 @@ void adam_step(const std::vector<at::Tensor>& params, const std::vector<at::Tens
     const float* g = gp[it.tensor] + b;
     float* m = mp[it.tensor] + b;
     float* v = vp[it.tensor] + b;
-    if (x.clip)
-      x.zero ? adam_range<true, true>(p, g, m, v, n, x) : adam_range<true, false>(p, g, m, v, n, x);
-    else
-      x.zero ? adam_range<false, true>(p, g, m, v, n, x) : adam_range<false, false>(p, g, m, v, n, x);
+    adam_step_range(p, g, m, v, n, x);
   }
 }
 

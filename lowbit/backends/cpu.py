@@ -67,3 +67,9 @@ if _C is not None and hasattr(_C, "optim_adam_step"):
 
     def optim_adam_step(params, grads, ms, vs, scalars):
         _C.optim_adam_step(params, grads, ms, vs, scalars)
+
+
+# The fused step on bf16 / fp8 / int8 moments (csrc/cpu/optim_lowprec.cpp), used by lowbit.optim.kernels.
+if _C is not None and hasattr(_C, "optim_lowprec_step"):
+    def optim_lowprec_step(state_dtype, params, ms, m_scales, vs, v_scales, grads, pieces, scalars, seeds, books):
+        _C.optim_lowprec_step(state_dtype, params, ms, m_scales, vs, v_scales, grads, pieces, scalars, seeds, books)

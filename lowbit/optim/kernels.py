@@ -47,10 +47,11 @@ def f32(x: float) -> float:
 # ---------------------------------------------------------------------------------------------
 # dispatch: the native backend where it serves the op, else the PyTorch spec below
 # ---------------------------------------------------------------------------------------------
-def _native(op: str, tensors) -> object | None:
+def _native(op: str, tensors, fp32: bool = True) -> object | None:
     """The native function for `op`, or None when the spec code should run.
 
-    Native kernels take contiguous fp32 CPU / CUDA tensors; anything else runs the spec. An
+    Native kernels take contiguous fp32 CPU / CUDA tensors (``fp32=False``: contiguous tensors
+    of any dtype, for ops whose caller has checked the dtypes); anything else runs the spec. An
     explicit ``use_backend(name)`` for a backend that cannot serve the op is an error, as for
     the quantization ops; ``use_backend("ref")`` runs the spec.
     """
@@ -60,7 +61,8 @@ def _native(op: str, tensors) -> object | None:
     wanted = backends.requested()
     if wanted == "ref":
         return None
-    fits = all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == dev for t in tensors)
+    fits = all((t.dtype == torch.float32 or not fp32) and t.is_contiguous() and t.device.type == dev
+               for t in tensors)
     if wanted != "auto":
         reason = backends.why_unavailable(wanted, op, dev)
         if reason:
@@ -155,6 +157,37 @@ def adam_step(params, grads, ms, vs, scalars: list[tuple], foreach: bool = True)
     else:
         for i in range(len(params)):
             _adam_foreach([params[i]], [grads[i]], [ms[i]], [vs[i]], [scalars[i]])
+
+
+def lowprec_step(state_dtype: str, params, ms, m_scales, vs, v_scales, grads, pieces, scalars, seeds,
+                 books) -> bool:
+    """The elementwise step on moments stored in `state_dtype` ("bf16", "fp8", "int8"), fused with
+    their decode and encode, in place; False (nothing done) where no native kernel serves it, and
+    the caller runs the spec: ``state.load_moments``, `adam_step`, ``state.store_moment``.
+
+    The result is that path's, bit for bit. Per carrier c (a parameter or a ZeRO flat partition,
+    contiguous fp32): ``ms[c]`` / ``vs[c]`` and, for fp8 / int8, ``m_scales[c]`` / ``v_scales[c]``
+    as `lowbit.optim.state` stores them; ``seeds[c]`` the stochastic-rounding seeds of (m, v).
+    Per piece i (``pieces[i] = (carrier, start, length)``, non-overlapping): ``grads[i]`` (fp32,
+    `length` elements) and ``scalars[i]`` (the values of `SCALARS`, then 1.0 where the moments
+    are zeroed after the update). ``books``: for int8 the code books and midpoints of both
+    moments (``state.int8_books()``), else empty.
+    """
+    if not params:
+        return True
+    wanted = backends.requested()
+    if wanted not in ("auto", "ref") and backends.load(wanted) is not None \
+            and not hasattr(backends.load(wanted), "optim_lowprec_step"):
+        return False  # the unfused path runs that backend's `adam_step`
+    tensors = list(params) + list(ms) + list(vs) + list(m_scales) + list(v_scales) + list(grads)
+    fn = _native("optim_lowprec_step", tensors, fp32=False)
+    if fn is None:
+        return False
+    fn(state_dtype, list(params), list(ms), list(m_scales), list(vs), list(v_scales), list(grads),
+       torch.tensor(pieces, dtype=torch.int64).reshape(-1, 3),
+       torch.tensor(scalars, dtype=torch.float64).reshape(-1, len(SCALARS) + 1),
+       torch.tensor(seeds, dtype=torch.int64).reshape(-1, 2), list(books))
+    return True
 
 
 def _col(scalars, name):

@@ -415,16 +415,20 @@ class StableSPAM(S.ExactStateLoad, Optimizer):
 
         # moments: loaded once per carrier (a parameter, or a whole flat partition)
         steps = [pc for pc in live if pc.length]
-        moments = {}
+        carriers = {}
         for pc in steps:
             key = id(pc.carrier)
-            if key not in moments:
+            if key not in carriers:
                 st = self.state[pc.carrier]
                 if "exp_avg" not in st:
                     S.init_moment(st, "exp_avg", pc.carrier, self.state_dtype)
                     S.init_moment(st, "exp_avg_sq", pc.carrier, self.state_dtype)
-                moments[key] = (pc.carrier, *S.load_moments(st, pc.carrier.shape, self.state_dtype), [])
-            moments[key][3].append(pc)
+                carriers[key] = (pc.carrier, [])
+            carriers[key][1].append(pc)
+        if self.state_dtype != "fp32" and self._fused_step(carriers, index, T):
+            steps = [pc for pc in steps if id(pc.carrier) in carriers]
+        moments = {key: (c, *S.load_moments(self.state[c], c.shape, self.state_dtype))
+                   for key, (c, _) in carriers.items()}
         targets = {}
         for pc in steps:
             c = pc.carrier
@@ -438,13 +442,50 @@ class StableSPAM(S.ExactStateLoad, Optimizer):
             if pc.zero_after:
                 pc.view(moments[id(pc.carrier)][1]).zero_()
                 pc.view(moments[id(pc.carrier)][2]).zero_()
-        for key, (c, m, v, _) in moments.items():
+        for key, (c, m, v) in moments.items():
             i = index[c]
             if targets[key] is not c:
                 S.round_param_(c, targets[key], S.sr_seed(self.seed, T, i, 2))
             st = self.state[c]
             S.store_moment(st, "exp_avg", m, self.state_dtype, S.sr_seed(self.seed, T, i, 0))
             S.store_moment(st, "exp_avg_sq", v, self.state_dtype, S.sr_seed(self.seed, T, i, 1))
+
+    def _fused_step(self, carriers: dict, index: dict, T: int) -> bool:
+        """Step the carriers of bf16 / fp8 / int8 moments with the fused native kernel (decode, step and
+        encode block by block, no fp32 copy of the moments; bit for bit the path in `_step_pieces`) and
+        remove them from `carriers`. False where no native kernel serves it. fp32 parameters (and ZeRO
+        flat partitions) with fp32 gradients only: bf16 / fp16 master weights, fp64 parameters and
+        moments not in `store_moment`'s layout take the unfused path."""
+        picked, stored = [], []
+        for key, (c, pcs) in carriers.items():
+            if c.dtype != torch.float32 or not c.is_contiguous():
+                continue
+            if any(pc.grad.dtype != torch.float32 or pc.grad.device != c.device for pc in pcs):
+                continue
+            mv = S.stored_moments(self.state[c], c, self.state_dtype)
+            if mv is not None:
+                picked.append(key)
+                stored.append(mv)
+        if not picked:
+            return False
+        params, grads, pieces, rows, seeds = [], [], [], [], []
+        for ci, key in enumerate(picked):
+            c, pcs = carriers[key]
+            params.append(c)
+            seeds.append((S.sr_seed(self.seed, T, index[c], 0), S.sr_seed(self.seed, T, index[c], 1)))
+            for pc in pcs:
+                pieces.append((ci, pc.start or 0, pc.length))
+                grads.append(pc.grad.contiguous())
+                rows.append(tuple(pc.scalars) + (1.0 if pc.zero_after else 0.0,))
+        scaled = self.state_dtype != "bf16"
+        books = S.int8_books(params[0].device) if self.state_dtype == "int8" else []
+        done = kernels.lowprec_step(self.state_dtype, params, [mv[0] for mv in stored],
+                                    [mv[1] for mv in stored] if scaled else [], [mv[2] for mv in stored],
+                                    [mv[3] for mv in stored] if scaled else [], grads, pieces, rows, seeds, books)
+        if done:
+            for key in picked:
+                del carriers[key]
+        return done
 
     # ---- optimizer.stats travel with the state_dict ----------------------------------------------
     def state_dict(self):

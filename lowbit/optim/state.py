@@ -114,6 +114,12 @@ def int8_encode(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tens
     return idx.to(torch.uint8), absmax
 
 
+def int8_books(device) -> list[torch.Tensor]:
+    """[code book, midpoints] of the first moment, then of the second: the tables `int8_encode`
+    and `int8_decode` use, for the fused native step."""
+    return [*_codebook(_SIGNED["exp_avg"], device), *_codebook(_SIGNED["exp_avg_sq"], device)]
+
+
 def int8_decode(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, shape) -> torch.Tensor:
     code, _ = _codebook(signed, codes.device)
     vals = code[codes.long()] * absmax[:, None]
@@ -199,6 +205,36 @@ def store_moment(state: dict, name: str, x: torch.Tensor, state_dtype: str, seed
         state[name], state[name + "_scale"] = fp8_encode(x, _FP8_FORMAT[name])
     else:
         state[name], state[name + "_scale"] = int8_encode(x, _SIGNED[name])
+
+
+def stored_moments(state: dict, param: torch.Tensor, state_dtype: str):
+    """(m, m_scale, v, v_scale) as stored for `param` (scales None for "bf16") when they have the
+    layout `store_moment` gives them (dtype, size, contiguous, on param's device), else None:
+    what the fused native step updates in place."""
+    n = param.numel()
+    if state_dtype == "bf16":
+        want, block = {"exp_avg": torch.bfloat16, "exp_avg_sq": torch.bfloat16}, None
+    elif state_dtype == "fp8":
+        want, block = {"exp_avg": torch.float8_e4m3fn, "exp_avg_sq": torch.float8_e5m2}, FP8_BLOCK
+    elif state_dtype == "int8":
+        want, block = {"exp_avg": torch.uint8, "exp_avg_sq": torch.uint8}, INT8_BLOCK
+    else:
+        return None
+    nblk = -(-n // block) if block else 0
+    out = []
+    for name, dtype in want.items():
+        t = state.get(name)
+        if not (isinstance(t, torch.Tensor) and t.dtype == dtype and t.is_contiguous() and t.device == param.device
+                and t.numel() == (nblk * block if block else n)):
+            return None
+        sc = None
+        if block:
+            sc = state.get(name + "_scale")
+            if not (isinstance(sc, torch.Tensor) and sc.dtype == torch.float32 and sc.is_contiguous()
+                    and sc.device == param.device and sc.numel() == nblk):
+                return None
+        out += [t, sc]
+    return tuple(out)
 
 
 class ExactStateLoad:
