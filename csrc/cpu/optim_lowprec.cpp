@@ -20,6 +20,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <memory>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -57,12 +58,58 @@ struct Carrier {
   int64_t piece0, piece1;  // its pieces, sorted by start, in [piece0, piece1)
 };
 
+// torch.bucketize(x, mids) (right=False) over the 255 sorted midpoints: the number of midpoints m with
+// !(m >= x), a prefix of them (NaN compares with nothing, so it lands after all of them, as in torch).
+inline uint32_t bucket(const float* mids, float x) {
+  uint32_t idx = 0;
+  for (uint32_t s = 128; s >= 1; s >>= 1) idx += !(mids[idx + s - 1] >= x) ? s : 0u;
+  return idx;
+}
+
+// A direct form of bucket() for y in [-1, 1]: y falls in one of kBuckets intervals by its sign, exponent
+// and top 8 mantissa bits (all |y| < 2^-24 in one). Where the count takes at most two values over each
+// interval, first[b] and first[b] + 1, it is first[b] + !(mids[first[b]] >= y) (mids padded with +inf):
+// one table read and one compare instead of a search. Built from bucket() at the intervals' ends, so it
+// gives its counts by construction; `ok` is false for a book with two midpoints in one interval.
+constexpr int32_t kKeyExpMin = 103;                          // biased exponent of 2^-24
+constexpr int32_t kKeyHalf = (127 - kKeyExpMin) * 256 + 1;   // the key of 1.0
+constexpr int32_t kBuckets = 2 * kKeyHalf + 1;
+
+inline int32_t bucket_index(uint32_t bits) {
+  const uint32_t a = bits & kF32AbsMask;
+  int32_t k = (int32_t)(a >> 23) < kKeyExpMin ? 0 : (int32_t)(a >> 15) - (kKeyExpMin << 8) + 1;
+  k = k < kKeyHalf ? k : kKeyHalf;
+  return kKeyHalf + ((bits >> 31) ? -k : k);
+}
+
+struct BucketTable {
+  std::vector<int32_t> first;
+  std::vector<float> mids;  // 255 midpoints and +inf
+  bool ok = true;
+
+  explicit BucketTable(const float* m) : first(kBuckets), mids(m, m + 255) {
+    mids.push_back(INFINITY);
+    for (int32_t b = 0; b < kBuckets; ++b) {
+      const int32_t k = b >= kKeyHalf ? b - kKeyHalf : kKeyHalf - b;
+      const uint32_t lo = k == 0 ? 0u : (uint32_t)(k - 1 + (kKeyExpMin << 8)) << 15;
+      const uint32_t hi = k == 0 ? ((uint32_t)kKeyExpMin << 23) - 1u : lo + 0x7FFFu;
+      // the interval's ends; key 0 holds both signs of |y| < 2^-24
+      const float y0 = k == 0 ? -bits_f32(hi) : b > kKeyHalf ? bits_f32(lo) : -bits_f32(hi);
+      const float y1 = k == 0 ? bits_f32(hi) : b > kKeyHalf ? bits_f32(hi) : -bits_f32(lo);
+      first[b] = (int32_t)bucket(mids.data(), y0);
+      ok = ok && bucket(mids.data(), y1) <= (uint32_t)first[b] + 1u;
+    }
+  }
+};
+
 // int8 code books (state.dynamic_codebook as fp32) and their fp32 midpoints, as the Python path has them.
 struct Books {
   const float* code_m;
   const float* mids_m;
   const float* code_v;
   const float* mids_v;
+  const BucketTable* table_m;
+  const BucketTable* table_v;
 };
 
 template <class T>
@@ -123,17 +170,24 @@ inline void int8_decode(const uint8_t* __restrict src, const float* __restrict c
   for (int64_t k = 0; k < n; ++k) dst[k] = code[src[k]] * absmax;
 }
 
-// torch.bucketize(x, mids) (right=False) over the 255 sorted midpoints: the number of midpoints m with
-// !(m >= x), a prefix of them (NaN compares with nothing, so it lands after all of them, as in torch).
-inline uint32_t bucket(const float* mids, float x) {
-  uint32_t idx = 0;
-  for (uint32_t s = 128; s >= 1; s >>= 1) idx += !(mids[idx + s - 1] >= x) ? s : 0u;
-  return idx;
+// Codes of kInt8Block values from their bucket keys (see BucketTable); NaN -> 255. Kept scalar: the
+// vectoriser would turn the table reads into gathers, which are slower on the CPUs measured.
+__attribute__((optimize("no-tree-vectorize"))) inline void lookup_codes(const int32_t* __restrict first,
+                                                                         const float* __restrict mids,
+                                                                         const float* __restrict ys,
+                                                                         const int32_t* __restrict keys,
+                                                                         uint8_t* __restrict out) {
+  for (int64_t k = 0; k < kInt8Block; ++k) {
+    const float y = ys[k];
+    const int32_t f = first[keys[k]];
+    out[k] = (uint8_t)(y != y ? 255 : f + (!(mids[f] >= y) ? 1 : 0));
+  }
 }
 
 // One zero-padded block of kInt8Block values -> codes and its absmax, as state.int8_encode.
 template <bool kSigned>
-inline float int8_encode_block(const float* __restrict x, const float* __restrict mids, uint8_t* __restrict out) {
+inline float int8_encode_block(const float* __restrict x, const float* __restrict mids, const BucketTable& table,
+                               uint8_t* __restrict out) {
   uint32_t acc = 0;
   for (int64_t k = 0; k < kInt8Block; ++k) acc = umax32(acc, f32_bits(x[k]) & kF32AbsMask);
   const float absmax = bits_f32(acc);  // a block holding NaN: NaN, as torch's amax
@@ -141,9 +195,36 @@ inline float int8_encode_block(const float* __restrict x, const float* __restric
   constexpr float lo = kSigned ? -1.f : 0.f;
   int64_t k = 0;
 #ifdef __AVX2__
+  const __m256 sv = _mm256_set1_ps(safe), lov = _mm256_set1_ps(lo), one = _mm256_set1_ps(1.f);
+  if (table.ok) {
+    const int32_t* first = table.first.data();
+    const float* padded = table.mids.data();
+    const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF), half = _mm256_set1_epi32(kKeyHalf);
+    // keys in vector registers, then the two table reads per value with scalar loads (faster than
+    // AVX2 gathers here)
+    alignas(32) float ys[kInt8Block];
+    alignas(32) int32_t keys[kInt8Block];
+    for (; k + 8 <= kInt8Block; k += 8) {
+      __m256 y = _mm256_div_ps(_mm256_loadu_ps(x + k), sv);
+      y = _mm256_blendv_ps(y, lov, _mm256_cmp_ps(y, lov, _CMP_LT_OQ));
+      y = _mm256_blendv_ps(y, one, _mm256_cmp_ps(y, one, _CMP_GT_OQ));
+      // bucket_index, 8 lanes
+      const __m256i yb = _mm256_castps_si256(y);
+      const __m256i a = _mm256_and_si256(yb, abs_mask);
+      __m256i key = _mm256_add_epi32(_mm256_sub_epi32(_mm256_srli_epi32(a, 15), _mm256_set1_epi32(kKeyExpMin << 8)),
+                                     _mm256_set1_epi32(1));
+      key = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(kKeyExpMin), _mm256_srli_epi32(a, 23)), key);
+      key = _mm256_min_epi32(key, half);
+      const __m256i neg = _mm256_srai_epi32(yb, 31);
+      key = _mm256_add_epi32(half, _mm256_sub_epi32(_mm256_xor_si256(key, neg), neg));
+      _mm256_store_ps(ys + k, y);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(keys + k), key);
+    }
+    lookup_codes(first, padded, ys, keys, out);
+    return absmax;
+  }
   // 32 values at a time: the 15 group pivots mids[16 j + 15] by broadcast compares give 16 x the group,
   // then 4 dependent gathers search its 15 midpoints; 4 vectors in flight hide the gathers' latency.
-  const __m256 sv = _mm256_set1_ps(safe), lov = _mm256_set1_ps(lo), one = _mm256_set1_ps(1.f);
   __m256 piv[15];
   for (int j = 0; j < 15; ++j) piv[j] = _mm256_set1_ps(mids[16 * j + 15]);
   constexpr int U = 4;
@@ -251,8 +332,8 @@ void run_int8(const Carrier& c, const Piece* pieces, int64_t begin, int64_t end,
     std::fill(vb + nb, vb + B, 0.f);
     mask_m(mb, vb, nb);
     step_block(c, pieces, pi, b0, nb, mb, vb);
-    c.m_scale[blk] = int8_encode_block<true>(mb, books.mids_m, m + b0);
-    c.v_scale[blk] = int8_encode_block<false>(vb, books.mids_v, v + b0);
+    c.m_scale[blk] = int8_encode_block<true>(mb, books.mids_m, *books.table_m, m + b0);
+    c.v_scale[blk] = int8_encode_block<false>(vb, books.mids_v, *books.table_v, v + b0);
   }
 }
 
@@ -307,7 +388,8 @@ void lowprec_step(const std::string& state_dtype, const std::vector<at::Tensor>&
   TORCH_CHECK(seeds.device().is_cpu() && seeds.scalar_type() == at::kLong && seeds.dim() == 2 &&
                   seeds.size(0) == nc && seeds.size(1) == 2 && seeds.is_contiguous(),
               "seeds: expected a contiguous [C, 2] int64 CPU tensor");
-  Books books{nullptr, nullptr, nullptr, nullptr};
+  Books books{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+  std::unique_ptr<BucketTable> table_m, table_v;
   if (fmt == kStateInt8) {
     TORCH_CHECK(books_t.size() == 4, "books: int8 state needs (code_m, mids_m, code_v, mids_v)");
     for (int64_t i = 0; i < 4; ++i) {
@@ -315,8 +397,15 @@ void lowprec_step(const std::string& state_dtype, const std::vector<at::Tensor>&
       TORCH_CHECK(books_t[i].numel() == (i % 2 ? 255 : 256), "books[", i, "]: expected ", (i % 2 ? 255 : 256),
                   " values, got ", books_t[i].numel());
     }
+    for (int64_t i = 1; i < 4; i += 2) {
+      const float* mids = books_t[i].data_ptr<float>();
+      for (int64_t j = 1; j < 255; ++j)
+        TORCH_CHECK(mids[j - 1] < mids[j], "books[", i, "]: expected increasing midpoints");
+    }
+    table_m = std::make_unique<BucketTable>(books_t[1].data_ptr<float>());
+    table_v = std::make_unique<BucketTable>(books_t[3].data_ptr<float>());
     books = {books_t[0].data_ptr<float>(), books_t[1].data_ptr<float>(), books_t[2].data_ptr<float>(),
-             books_t[3].data_ptr<float>()};
+             books_t[3].data_ptr<float>(), table_m.get(), table_v.get()};
   }
 
   const int64_t block = fmt == kStateFP8 ? kFp8Block : kInt8Block;

@@ -19,6 +19,12 @@ state_dtype
               absmax per block of 256 elements, each element normalised by it and rounded to the
               nearest entry of a 256-entry "dynamic" code book (a decimal exponent of 10^-6..10^0
               followed by a linear fraction; signed for the first moment, unsigned for the second).
+
+For fp32 parameters (and ZeRO flat partitions) StableSPAM does load, step and store in one native
+pass (``kernels.lowprec_step``, csrc/cpu/optim_lowprec.cpp): block by block, in place, without an
+fp32 copy of the moments, and bit for bit what the functions here give (NaN payloads aside).
+bf16 / fp16 master weights, fp64 parameters, SPAM, ``use_backend("ref")`` and devices without
+the kernel use `load_moments` / `store_moment`.
 """
 from __future__ import annotations
 

@@ -326,3 +326,36 @@ def test_bf16_master_weights_and_fp64_params_take_the_unfused_path(native_calls)
     opt.step()
     assert native_calls == []
     assert p16.dtype == torch.bfloat16 and opt.state[p64]["exp_avg"].dtype == torch.uint8
+
+
+@needs_native
+def test_int8_code_choice_at_and_next_to_midpoints(native_calls):
+    """Values exactly at the code books' midpoints (torch.bucketize sends a tie to the lower code) and
+    one ulp to either side. The scalars make the step write m = g and v = g * g (moments zeroed,
+    beta1 = beta2 = 0), so the encoder sees these values unchanged."""
+    _, mids_m = S._codebook(True, "cpu")
+    _, mids_v = S._codebook(False, "cpu")
+    one = torch.ones(1)
+    up = torch.nextafter(mids_m, torch.tensor(2.0))
+    down = torch.nextafter(mids_m, torch.tensor(-2.0))
+    g = torch.cat([one, mids_m, one, up, one, down, one * 0.125, mids_m * 0.125,
+                   one, mids_v.sqrt(), one, torch.nextafter(mids_v.sqrt(), torch.tensor(2.0))])
+    n = g.numel()
+    f32 = kernels.f32
+    row = (0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, f32(1e-8), 1.0, f32(1e-3), 1.0, 0.0)
+    st = {}
+    S.init_moment(st, "exp_avg", torch.zeros(n), "int8")
+    S.init_moment(st, "exp_avg_sq", torch.zeros(n), "int8")
+    p = torch.randn(n, generator=torch.Generator().manual_seed(2))
+    ref = [(p.clone(), {k: t.clone() for k, t in st.items()})]
+    _spec_step("int8", ref, [(0, 0, n)], [g], [row], [(0, 0)])
+    assert torch.equal(S.load_moment(ref[0][1], "exp_avg", (n,), "int8")[: 256], S.int8_decode(
+        torch.bucketize(g[:256], mids_m).to(torch.uint8)[None], torch.ones(1), True, (256,)))  # ties go down
+    m, msc, v, vsc = S.stored_moments(st, p, "int8")
+    with backends.use_backend("cpu"):
+        assert kernels.lowprec_step("int8", [p], [m], [msc], [v], [vsc], [g], [(0, 0, n)], [row], [(0, 0)],
+                                    S.int8_books("cpu"))
+    assert native_calls == ["int8"]
+    assert _same(p, ref[0][0])
+    for k in st:
+        assert _same(st[k], ref[0][1][k]), k
