@@ -146,7 +146,7 @@ def run(ctx: Context) -> list[Row]:
             moved = n * (2 * 4 + 2 * 4 + 2 * _bytes_per_elem(sd))  # grad twice, weights r+w, both moments r+w
             rows.append(Row(f"stable-spam {sd}", t, shape=f"{model.name} {n / 1e6:.1f}M params", dtype="float32",
                             work=moved, unit="GB/s", limit="copy_GB/s", peers=peers,
-                            backend=ctx.backend_for("optim_adam_step"),
+                            backend=_step_backend(ctx, sd),
                             params=dict(state_dtype=sd, params_m=round(n / 1e6, 2), tensors=len(params),
                                         state_bytes_per_param=round(measured, 3),
                                         per_tensor_bytes_per_param=_fmt(peer_bytes.get("per_tensor")),
@@ -155,6 +155,19 @@ def run(ctx: Context) -> list[Row]:
             ctx.console(f"optim {model.name} stable-spam {sd}: p50 {t.p50 * 1e3:.1f} ms, "
                         f"{measured:.3f} state bytes / param")
     return rows
+
+
+def _step_backend(ctx: Context, state_dtype: str) -> str:
+    """The backend of the elementwise step: the fused low-precision step where one serves it, else
+    `optim_adam_step` (bf16 / fp8 / int8 moments then decoded and encoded with torch ops)."""
+    if state_dtype != "fp32":
+        try:
+            fused = ctx.backend_for("optim_lowprec_step")
+        except RuntimeError:  # an explicit --backend without the fused step
+            fused = "ref"
+        if fused != "ref":
+            return fused
+    return ctx.backend_for("optim_adam_step")
 
 
 def _fmt(x):
