@@ -24,6 +24,11 @@ rounding (no fused multiply-add):
   u  = m / (sqrt(v) * inv_sbc2 + eps)                  (inv_sbc2 = 1 / sqrt(1 - beta2^j); sqrt
                                                         correctly rounded, as IEEE 754 requires)
   p  = p * decay - u * step                            (decay = 1 - lr wd, step = lr / bc1)
+
+Moments stored in bf16 / fp8 / int8 (`lowprec_step`): the same step between a decode and an
+encode of the moments; its spec is that composition, ``state.load_moments`` (the first moment
+zeroed where the second decodes to 0), the step above, zeroing after the update where asked
+(compat="official" resets), ``state.store_moment``. The native kernel does it block by block.
 """
 from __future__ import annotations
 
