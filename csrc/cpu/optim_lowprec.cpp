@@ -127,14 +127,28 @@ inline void bf16_decode(const uint16_t* __restrict src, float* __restrict dst, i
   for (int64_t k = 0; k < n; ++k) dst[k] = bits_f32((uint32_t)src[k] << 16);
 }
 
+#ifdef __AVX2__
+// round_code_bits<BF16, true> of 8 lanes, in fewer operations than sr_avx2<BF16>: bf16 shares fp32's
+// exponent range, so the grid spacing is 2^16 fp32 ulps for every finite value (subnormals included)
+// and the code is the top half of |x| plus one iff frac > u, i.e. (low 16 bits << 8) > (r >> 8);
+// then satfinite, Inf, sign and canonical NaN as there.
+inline __m256i sr_bf16_avx2(__m256i xb, __m256i r) {
+  const __m256i ab = _mm256_and_si256(xb, _mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i frac = _mm256_slli_epi32(_mm256_and_si256(ab, _mm256_set1_epi32(0xFFFF)), 8);
+  // both sides below 2^24, so the signed compare is the unsigned one
+  const __m256i up = _mm256_cmpgt_epi32(frac, _mm256_srli_epi32(r, 8));
+  return finish_code_avx2<lowbit::BF16>(_mm256_sub_epi32(_mm256_srli_epi32(ab, 16), up), xb, ab);
+}
+#endif
+
 // lowbit.stochastic_round(x, bf16, seed): round_code_bits<BF16, true> with the words rb[k].
 inline void bf16_encode_sr(const float* __restrict x, int64_t n, const uint32_t* __restrict rb,
                            uint16_t* __restrict out) {
   int64_t k = 0;
 #ifdef __AVX2__
   for (; k + 8 <= n; k += 8) {
-    const __m256i c = sr_avx2<lowbit::BF16>(_mm256_loadu_ps(x + k),
-                                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + k)));
+    const __m256i c = sr_bf16_avx2(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k)),
+                                   _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + k)));
     const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), w);
   }
