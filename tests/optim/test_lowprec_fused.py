@@ -359,3 +359,21 @@ def test_int8_code_choice_at_and_next_to_midpoints(native_calls):
     assert _same(p, ref[0][0])
     for k in st:
         assert _same(st[k], ref[0][1][k]), k
+
+
+@needs_native
+def test_non_contiguous_parameter_takes_the_unfused_path(native_calls):
+    out = {}
+    for backend in ("ref", None):  # auto: an explicit "cpu" refuses the non-contiguous unfused step
+        p = torch.nn.Parameter(torch.randn(40, 30, generator=torch.Generator().manual_seed(0)).t())
+        q = torch.nn.Parameter(torch.randn(300, generator=torch.Generator().manual_seed(1)))
+        opt = StableSPAM([p, q], lr=1e-2, state_dtype="fp8")
+        with backends.use_backend(backend):
+            for t in range(3):
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 + t))
+                q.grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(20 + t))
+                opt.step()
+        out[backend] = (p.detach().clone(), q.detach().clone(), opt.state[p]["exp_avg"].clone())
+    assert native_calls == ["fp8"] * 3  # q only
+    for a, b in zip(out["ref"], out[None]):
+        assert _same(a, b)
