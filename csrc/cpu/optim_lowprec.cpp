@@ -237,40 +237,13 @@ inline float int8_encode_block(const float* __restrict x, const float* __restric
     lookup_codes(first, padded, ys, keys, out);
     return absmax;
   }
-  // 32 values at a time: the 15 group pivots mids[16 j + 15] by broadcast compares give 16 x the group,
-  // then 4 dependent gathers search its 15 midpoints; 4 vectors in flight hide the gathers' latency.
-  __m256 piv[15];
-  for (int j = 0; j < 15; ++j) piv[j] = _mm256_set1_ps(mids[16 * j + 15]);
-  constexpr int U = 4;
-  for (; k + 8 * U <= kInt8Block; k += 8 * U) {
-    __m256 y[U];
-    __m256i idx[U];
-    for (int u = 0; u < U; ++u) {
-      __m256 t = _mm256_div_ps(_mm256_loadu_ps(x + k + 8 * u), sv);
-      // clamp keeping NaN: t < lo ? lo : (t > 1 ? 1 : t)
-      t = _mm256_blendv_ps(t, lov, _mm256_cmp_ps(t, lov, _CMP_LT_OQ));
-      y[u] = _mm256_blendv_ps(t, one, _mm256_cmp_ps(t, one, _CMP_GT_OQ));
-      idx[u] = _mm256_setzero_si256();
-    }
-    for (int j = 0; j < 15; ++j)
-      for (int u = 0; u < U; ++u)
-        idx[u] = _mm256_sub_epi32(idx[u], _mm256_castps_si256(_mm256_cmp_ps(piv[j], y[u], _CMP_NGE_UQ)));
-    for (int u = 0; u < U; ++u) idx[u] = _mm256_slli_epi32(idx[u], 4);
-    for (int s = 8; s >= 1; s >>= 1)
-      for (int u = 0; u < U; ++u) {
-        const __m256 probe = _mm256_i32gather_ps(mids + (s - 1), idx[u], 4);
-        const __m256 below = _mm256_cmp_ps(probe, y[u], _CMP_NGE_UQ);
-        idx[u] = _mm256_add_epi32(idx[u], _mm256_and_si256(_mm256_castps_si256(below), _mm256_set1_epi32(s)));
-      }
-    for (int u = 0; u < U; ++u) store_codes8(idx[u], out + k + 8 * u);
-  }
-#else
+#endif
+  // no AVX2, or a book the table cannot serve: the search itself
   for (; k < kInt8Block; ++k) {
     float y = x[k] / safe;
     y = y < lo ? lo : (y > 1.f ? 1.f : y);
     out[k] = (uint8_t)bucket(mids, y);
   }
-#endif
   return absmax;
 }
 
