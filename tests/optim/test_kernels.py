@@ -8,6 +8,7 @@ import torch
 from lowbit import backends
 from lowbit.optim import StableSPAM, kernels
 
+from _step_scalars import random_scalars
 from test_stable_spam import HP, grad_stream, run_lowbit
 
 NATIVE = [name for name in ("cpu",) if backends.why_unavailable(name, "optim_adam_step", "cpu") is None]
@@ -79,13 +80,7 @@ def test_statistics_bit_exact(backend):
 
 
 def _scalars(i, clip, zero):
-    g = torch.Generator().manual_seed(100 + i)
-    u = torch.rand(8, generator=g, dtype=torch.float64).tolist()
-    f32 = kernels.f32
-    b1, b2 = f32(0.8 + 0.19 * u[0]), f32(0.99 + 0.0099 * u[1])
-    return (1.0 if clip else 0.0, f32(0.5 + u[2]), f32(0.1 + 0.5 * u[3]), f32(0.5 + u[4]), b1, f32(1 - b1), b2,
-            f32(1 - b2), f32(1 / math.sqrt(0.01 + u[5])), f32(1e-8), f32(1 - 1e-4 * u[6]), f32(1e-3 * (1 + u[7])),
-            1.0 if zero else 0.0)
+    return random_scalars(100 + i, clip, zero)
 
 
 @needs_native

@@ -11,6 +11,8 @@ from lowbit.optim import StableSPAM, kernels
 from lowbit.optim import state as S
 from lowbit.optim.zero import FlatLayout, PartitionLayout, TensorSlice
 
+from _step_scalars import random_scalars
+
 LOWPREC = ("bf16", "fp8", "int8")
 NATIVE = backends.why_unavailable("cpu", "optim_lowprec_step", "cpu") is None
 needs_native = pytest.mark.skipif(not NATIVE, reason="lowbit._C has no optim_lowprec_step (rebuild with pip install -e .)")
@@ -219,13 +221,7 @@ def _spec_step(state_dtype, carriers, pieces, grads, rows, seeds):
 
 
 def _row(i, clip, zero, zero_after):
-    g = torch.Generator().manual_seed(50 + i)
-    u = torch.rand(8, generator=g, dtype=torch.float64).tolist()
-    f32 = kernels.f32
-    b1, b2 = f32(0.8 + 0.19 * u[0]), f32(0.99 + 0.0099 * u[1])
-    return (1.0 if clip else 0.0, f32(0.5 + u[2]), f32(0.1 + 0.5 * u[3]), f32(0.5 + u[4]), b1, f32(1 - b1), b2,
-            f32(1 - b2), f32(1 / math.sqrt(0.01 + u[5])), f32(1e-8), f32(1 - 1e-4 * u[6]), f32(1e-3 * (1 + u[7])),
-            1.0 if zero else 0.0, 1.0 if zero_after else 0.0)
+    return random_scalars(50 + i, clip, zero) + (1.0 if zero_after else 0.0,)
 
 
 @needs_native
