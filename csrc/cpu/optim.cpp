@@ -86,7 +86,8 @@ inline void square_row(const float* src, double* q, float* mx, int32_t* cnt, flo
   }
 }
 
-constexpr int kBlockRows = 16;  // rows summed as one complete subtree before entering the counter
+constexpr int kBlockLevel = 4;                  // full blocks are complete subtrees of 2^4 rows ...
+constexpr int kBlockRows = 1 << kBlockLevel;  // ... summed in registers before entering the counter
 
 // Rows [row0, row1) of one tensor (row0 a multiple of kBlockRows): max |g| (or the clip count) and
 // the subtree sum of squares. Full blocks of 16 rows are reduced in registers (an aligned complete
@@ -104,7 +105,7 @@ void stat_rows(const float* g, int64_t n, StatItem& it, float mh, float r) {
     for (int w = kBlockRows; w > 1; w /= 2)
       for (int j = 0; j < w / 2; ++j)
         for (int k = 0; k < kLanes; ++k) q[j].v[k] = q[2 * j].v[k] + q[2 * j + 1].v[k];
-    tree.push(q[0], 4);
+    tree.push(q[0], kBlockLevel);
   }
   for (; row < it.row1; ++row) {
     Lanes q;
@@ -197,7 +198,7 @@ void adam_step(const std::vector<at::Tensor>& params, const std::vector<at::Tens
   TORCH_CHECK(grads.size() == params.size() && ms.size() == params.size() && vs.size() == params.size(),
               "params, grads, ms, vs: expected lists of the same length");
   TORCH_CHECK(scalars.scalar_type() == at::kDouble && scalars.dim() == 2 && scalars.size(0) == nt &&
-                  scalars.size(1) == 13 && scalars.is_contiguous(),
+                  scalars.size(1) == kScalarCount && scalars.is_contiguous(),
               "scalars: expected a contiguous [n, 13] fp64 tensor");
   const double* sc = scalars.data_ptr<double>();
   std::vector<Scalars> s(nt);
@@ -215,7 +216,7 @@ void adam_step(const std::vector<at::Tensor>& params, const std::vector<at::Tens
     const int64_t n = params[t].numel();
     TORCH_CHECK(grads[t].numel() == n && ms[t].numel() == n && vs[t].numel() == n,
                 "params, grads, ms, vs: tensor ", t, " differs in size");
-    s[t] = scalars_from_row(sc + 13 * t);
+    s[t] = scalars_from_row(sc + kScalarCount * t);
     pp[t] = params[t].data_ptr<float>();
     gp[t] = grads[t].data_ptr<float>();
     mp[t] = ms[t].data_ptr<float>();
