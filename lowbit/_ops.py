@@ -4,21 +4,31 @@
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from . import backends
-from .formats import FORMATS
-from .qtensor import QParts
+from .formats import FORMATS, Format
+
+
+class QParts(NamedTuple):
+    """What a backend sees: storage as [R, K] (or [R, K/2] packed), scales [R/br, K/bk]."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    global_scale: torch.Tensor
+    fmt: Format
+    block: tuple[int, int]
+    K: int
 
 
 @torch.library.custom_op("lowbit::quantize", mutates_args=())
 def quantize(x: Tensor, fmt: str, block: list[int], rounding: str, seed: int, scale_mode: str,
              global_amax: Optional[Tensor], hadamard: int, inner: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     f = FORMATS[fmt]
-    return backends.for_op("quantize", x.device.type, backend).quantize(x, f, tuple(block), rounding, seed, scale_mode, global_amax, hadamard, inner)
+    return backends.for_op("quantize", x.device.type, backend)(x, f, tuple(block), rounding, seed, scale_mode, global_amax, hadamard, inner)
 
 
 @quantize.register_fake
@@ -33,7 +43,7 @@ def _(x, fmt, block, rounding, seed, scale_mode, global_amax, hadamard, inner, b
 @torch.library.custom_op("lowbit::dequantize", mutates_args=())
 def dequantize(data: Tensor, scale: Tensor, global_scale: Tensor, fmt: str, block: list[int], K: int,
                dtype: torch.dtype, backend: str) -> Tensor:
-    return backends.for_op("dequantize", data.device.type, backend).dequantize(data, scale, global_scale, FORMATS[fmt], tuple(block), K, dtype)
+    return backends.for_op("dequantize", data.device.type, backend)(data, scale, global_scale, FORMATS[fmt], tuple(block), K, dtype)
 
 
 @dequantize.register_fake
@@ -43,7 +53,7 @@ def _(data, scale, global_scale, fmt, block, K, dtype, backend):
 
 @torch.library.custom_op("lowbit::cast", mutates_args=())
 def cast(x: Tensor, dtype: torch.dtype, rounding: str, seed: int, backend: str) -> Tensor:
-    return backends.for_op("cast", x.device.type, backend).cast(x, dtype, rounding, seed)
+    return backends.for_op("cast", x.device.type, backend)(x, dtype, rounding, seed)
 
 
 @cast.register_fake
@@ -53,12 +63,12 @@ def _(x, dtype, rounding, seed, backend):
 
 @torch.library.custom_op("lowbit::hadamard", mutates_args=())
 def hadamard(x: Tensor, block: int, seed: int, inverse: bool, backend: str) -> Tensor:
-    return backends.for_op("hadamard", x.device.type, backend).hadamard(x, block, None if seed < 0 else seed, inverse)
+    return backends.for_op("hadamard", x.device.type, backend)(x, block, None if seed < 0 else seed, inverse)
 
 
 @hadamard.register_fake
 def _(x, block, seed, inverse, backend):
-    return x.new_empty(x.shape, dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
 @torch.library.custom_op("lowbit::qmatmul", mutates_args=())
@@ -67,7 +77,7 @@ def qmatmul(a_data: Tensor, a_scale: Tensor, a_global_scale: Tensor, a_fmt: str,
             K: int, out_dtype: torch.dtype, backend: str) -> Tensor:
     a = QParts(a_data, a_scale, a_global_scale, FORMATS[a_fmt], tuple(a_block), K)
     b = QParts(b_data, b_scale, b_global_scale, FORMATS[b_fmt], tuple(b_block), K)
-    return backends.for_op("qmatmul", a_data.device.type, backend).qmatmul(a, b, out_dtype)
+    return backends.for_op("qmatmul", a_data.device.type, backend)(a, b, out_dtype)
 
 
 @qmatmul.register_fake

@@ -56,11 +56,6 @@ def _check_hadamard_block(block, K: int, name: str = "hadamard") -> int:
     return block
 
 
-def _backend_name(backend: str | None, op: str, x: torch.Tensor) -> str:
-    """Validated name or "auto"; availability is checked when the op runs."""
-    return backends.requested(backend)
-
-
 def _to_2d(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, int]:
     """[..., K at axis, ...] -> contiguous [R, K] with K last, and `inner` (see ref.element_index)."""
     inner = math.prod(x.shape[axis + 1:])
@@ -142,7 +137,7 @@ def quantize(x: torch.Tensor, fmt, *, block=None, axis: int = -1, rounding: str 
         raise ValueError(f"x: FP4 packs two elements per byte, so the quantized dimension must be even, got {K}")
     if x.numel() == 0:
         return _empty_qtensor(x, fmt, data_shape, axis, (br, bk), R, K, tensorwise)
-    name = _backend_name(backend, "quantize", x)
+    name = backends.requested(backend)
     data, scale, gs = _ops.quantize(x2, fmt.name, [br, bk], rounding, seed, scale_mode, global_amax,
                                     hadamard or 0, inner, name)
     if tensorwise:
@@ -165,14 +160,7 @@ def dequantize(q: QTensor, dtype: torch.dtype = torch.float32, *, backend: str |
     """Decode a QTensor to `dtype` in its original layout."""
     if not isinstance(q, QTensor):
         raise TypeError(f"q: expected a lowbit QTensor, got {type(q).__name__}")
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
-    if q.data.numel() == 0:
-        return torch.zeros(q.shape, dtype=dtype, device=q.data.device)
-    p = q.parts()
-    name = _backend_name(backend, "dequantize", p.data)
-    out = _ops.dequantize(p.data, p.scale, p.global_scale, q.fmt.name, list(q.block), p.K, dtype, name)
-    return out.reshape(q.moved_shape).movedim(-1, q.axis)
+    return q.dequantize(dtype, backend=backend)
 
 
 def cast(x: torch.Tensor, dtype: torch.dtype, *, rounding: str = "nearest", seed: int = 0,
@@ -185,7 +173,7 @@ def cast(x: torch.Tensor, dtype: torch.dtype, *, rounding: str = "nearest", seed
     seed = _check_seed(seed)
     if x.numel() == 0:
         return torch.empty(x.shape, dtype=dtype, device=x.device)
-    name = _backend_name(backend, "cast", x)
+    name = backends.requested(backend)
     return _ops.cast(x.to(torch.float32).contiguous(), dtype, rounding, seed, name)
 
 
@@ -201,7 +189,7 @@ def hadamard(x: torch.Tensor, block: int, *, seed: int | None = None, axis: int 
     """Random Hadamard transform of consecutive 1 x `block` slices along `axis` (orthonormal).
 
     `seed=None` is the plain Sylvester transform; `inverse=True` undoes the transform with the same seed.
-    Computed in fp32; returned in x.dtype.
+    Computed in fp32 (fp64 inputs in fp64); returned in x.dtype.
     """
     _check_float(x)
     if x.dim() == 0:
@@ -212,7 +200,7 @@ def hadamard(x: torch.Tensor, block: int, *, seed: int | None = None, axis: int 
     if x.numel() == 0:
         return x.clone()
     x2, _ = _to_2d(x, axis)
-    name = _backend_name(backend, "hadamard", x)
+    name = backends.requested(backend)
     y = _ops.hadamard(x2, block, seed, bool(inverse), name)
     return y.to(x.dtype).reshape(x.movedim(axis, -1).shape).movedim(-1, axis)
 
@@ -239,7 +227,7 @@ def qmatmul(a: QTensor, b: QTensor, *, out_dtype: torch.dtype = torch.float32, b
     if M * N * K == 0:
         return torch.zeros((M, N), dtype=out_dtype, device=a.data.device)
     pa, pb = a.parts(), b.parts()
-    name = _backend_name(backend, "qmatmul", pa.data)
+    name = backends.requested(backend)
     return _ops.qmatmul(pa.data, pa.scale, pa.global_scale, a.fmt.name, list(a.block),
                         pb.data, pb.scale, pb.global_scale, b.fmt.name, list(b.block), K, out_dtype, name)
 

@@ -1,23 +1,14 @@
-"""QTensor: quantized data + scales + format, and the 2-D view backends work on."""
+"""QTensor: quantized data + scales + format."""
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 
+from . import _ops, backends
+from .bits import pack_fp4, unpack_fp4
 from .formats import Format
-
-
-class QParts(NamedTuple):
-    """What a backend sees: storage as [R, K] (or [R, K/2] packed), scales [R/br, K/bk]."""
-
-    data: torch.Tensor
-    scale: torch.Tensor
-    global_scale: torch.Tensor
-    fmt: Format
-    block: tuple[int, int]
-    K: int
+from ._ops import QParts
 
 
 class QTensor:
@@ -68,9 +59,15 @@ class QTensor:
         return QParts(data, scale, gs, self.fmt, self.block, K)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, *, backend: str | None = None) -> torch.Tensor:
-        from .ops import dequantize
-
-        return dequantize(self, dtype, backend=backend)
+        """Decode to `dtype` in the original layout (`backend`: a name, or None for the registry's choice)."""
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
+        if self.data.numel() == 0:
+            return torch.zeros(self.shape, dtype=dtype, device=self.data.device)
+        p = self.parts()
+        out = _ops.dequantize(p.data, p.scale, p.global_scale, self.fmt.name, list(self.block), p.K, dtype,
+                              backends.requested(backend))
+        return out.reshape(self.moved_shape).movedim(-1, self.axis)
 
     def t(self) -> "QTensor":
         """Transpose of a 2-D QTensor quantized along its last dim, itself quantized along its last dim.
@@ -87,8 +84,6 @@ class QTensor:
                 "quantize the source along the other axis instead")
         R, K = self.shape
         if self.fmt.packed:
-            from .backends.ref import pack_fp4, unpack_fp4
-
             if R % 2:
                 raise ValueError(f"t(): FP4 transpose needs an even number of rows, got {R}")
             data = pack_fp4(unpack_fp4(self.data).t().contiguous())

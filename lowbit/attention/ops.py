@@ -2,15 +2,16 @@
 
 This layer checks arguments (bad input is a ValueError/TypeError naming the argument) and calls the
 `lowbit::*` custom ops, which pick a backend when they run (so `torch.compile` traces them). The
-numerics are defined by `lowbit/backends/ref_attention.py`; backends:
+numerics are defined by `lowbit.backends.ref.attention`; the backend registry
+(`lowbit.backends`) picks the implementation:
   ref     pure PyTorch (any device)
-  cpu     gathers only the selected K/V blocks, so its work scales with the block density
+  cpu     block_sparse_attention only: gathers only the selected K/V blocks, so its work scales
+          with the block density
   triton  one Triton kernel per op (CUDA, or CPU under TRITON_INTERPRET=1)
 `lowbit.backends.use_backend(name)` and the `backend=` argument choose one explicitly.
 """
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Optional
 
@@ -21,74 +22,12 @@ from .. import backends
 
 FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 BLOCK_MIN, BLOCK_MAX = 16, 256
-MODULES = {  # backend -> modules holding its attention ops (one kernel per file)
-    "ref": ("lowbit.backends.ref_attention",),
-    "cpu": ("lowbit.backends.cpu_attention",),
-    "triton": ("lowbit.backends.triton.attention_block_sparse", "lowbit.backends.triton.attention_block_pool"),
-}
-AUTO_ORDER = {"cpu": ("cpu", "ref"), "cuda": ("triton", "ref")}
-_loaded: dict[str, object] = {}
-
-
-def _load(path: str):
-    if path not in _loaded:
-        try:
-            _loaded[path] = importlib.import_module(path)
-        except Exception as exc:  # a broken Triton must never break lowbit
-            _loaded[path] = exc
-    return _loaded[path]
-
-
-def _module(name: str, op: str):
-    """The module of backend `name` that defines `op`, else the first import error, else None."""
-    error = None
-    for path in MODULES[name]:
-        mod = _load(path)
-        if isinstance(mod, Exception):
-            error = error or mod
-        elif hasattr(mod, op):
-            return mod
-    return error
-
-
-def why_unavailable(name: str, op: str, device_type: str) -> str | None:
-    """None if backend `name` can run attention op `op` on `device_type`, else the reason."""
-    if name not in MODULES:
-        return "has no attention kernels"
-    mod = _module(name, op)
-    if mod is None:
-        return f"does not implement {op}"
-    if isinstance(mod, Exception):
-        return f"import failed: {mod}"
-    reason = mod.unavailable()
-    if reason:
-        return reason
-    if device_type not in mod.devices():
-        return f"runs on {'/'.join(mod.devices()) or 'no device here'}, not {device_type}"
-    return None
-
-
-def resolve(op: str, device_type: str, backend: str | None = None) -> str:
-    wanted = backends.requested(backend)
-    if wanted != "auto":
-        reason = why_unavailable(wanted, op, device_type)
-        if reason:
-            raise RuntimeError(f"backend {wanted!r} cannot run {op} on {device_type}: {reason}")
-        return wanted
-    for name in AUTO_ORDER.get(device_type, ("ref",)):
-        if why_unavailable(name, op, device_type) is None:
-            return name
-    return "ref"
-
-
-def _run(op: str, device_type: str, backend: str):
-    return getattr(_module(resolve(op, device_type, None if backend == "auto" else backend), op), op)
 
 
 @torch.library.custom_op("lowbit::attention_with_block_pool", mutates_args=())
 def _attention_with_block_pool(q: Tensor, k: Tensor, v: Tensor, block_size: int, causal: bool, scale: float,
                                backend: str) -> tuple[Tensor, Tensor]:
-    return _run("attention_with_block_pool", q.device.type, backend)(q, k, v, block_size, causal, scale)
+    return backends.for_op("attention_with_block_pool", q.device.type, backend)(q, k, v, block_size, causal, scale)
 
 
 @_attention_with_block_pool.register_fake
@@ -102,7 +41,7 @@ def _(q, k, v, block_size, causal, scale, backend):
 @torch.library.custom_op("lowbit::block_sparse_attention", mutates_args=())
 def _block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: Tensor, block_size: int, causal: bool,
                             scale: float, backend: str) -> Tensor:
-    return _run("block_sparse_attention", q.device.type, backend)(q, k, v, block_mask, block_size, causal, scale)
+    return backends.for_op("block_sparse_attention", q.device.type, backend)(q, k, v, block_mask, block_size, causal, scale)
 
 
 @_block_sparse_attention.register_fake

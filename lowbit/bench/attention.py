@@ -32,7 +32,7 @@ def _setup(ctx: Context):
 
 def run(ctx: Context) -> list[Row]:
     from ..attention import block_sparse_attention, by_density, density
-    from ..attention.ops import resolve
+    from ..backends import resolve
 
     backend = resolve("block_sparse_attention", ctx.device, ctx.backend)  # raises if --backend cannot run it
     seqs, heads, head_dim, dtype = _setup(ctx)

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.attention import attention_with_block_pool, block_sparse_attention
+from lowbit import backends
 from lowbit.attention import ops as aops
-from lowbit.backends import ref_attention as R
+from lowbit.backends.ref import attention as R
 
 SHAPES = [  # (batch, q_heads, kv_heads, seq, head_dim, block)
     (2, 4, 4, 64, 32, 16),
@@ -107,7 +108,7 @@ BACKENDS = ["cpu", pytest.param("triton", marks=pytest.mark.triton)]
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("shape", SHAPES[1:3])
 def test_every_backend_matches_ref(backend, shape, causal):
-    reason = aops.why_unavailable(backend, "block_sparse_attention", "cpu")
+    reason = backends.why_unavailable(backend, "block_sparse_attention", "cpu")
     if reason:
         pytest.skip(f"{backend}: {reason}")
     B, H, Hk, S, D, bs = shape
@@ -124,7 +125,7 @@ def test_every_backend_matches_ref(backend, shape, causal):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("shape", SHAPES[1:3])
 def test_triton_block_pool_matches_ref(shape, causal):
-    reason = aops.why_unavailable("triton", "attention_with_block_pool", "cpu")
+    reason = backends.why_unavailable("triton", "attention_with_block_pool", "cpu")
     if reason:
         pytest.skip(f"triton: {reason}")
     B, H, Hk, S, D, bs = shape
@@ -137,7 +138,7 @@ def test_triton_block_pool_matches_ref(shape, causal):
 
 def test_cpu_backend_both_paths_with_varied_row_counts(monkeypatch):
     # many rows with different numbers of selected blocks; the PyTorch path split over several chunks
-    from lowbit.backends import cpu_attention
+    from lowbit.backends.cpu import attention as cpu_attention
 
     monkeypatch.setattr(cpu_attention, "PAIRS_PER_CHUNK", 5)
     q, k, v = qkv(2, 2, 1, 16 * 12 - 3, 16, seed=8)
@@ -152,7 +153,7 @@ def test_cpu_backend_both_paths_with_varied_row_counts(monkeypatch):
 
 
 def test_cpu_native_kernel_is_built():
-    from lowbit.backends import cpu_attention
+    from lowbit.backends.cpu import attention as cpu_attention
 
     pytest.importorskip("lowbit._C")
     if cpu_attention._native() is None:
@@ -168,8 +169,8 @@ def test_cpu_native_kernel_is_built():
 
 
 def test_auto_backend_on_cpu_is_the_fast_one():
-    assert aops.resolve("block_sparse_attention", "cpu") == "cpu"
-    assert aops.resolve("attention_with_block_pool", "cpu") == "ref"
+    assert backends.resolve("block_sparse_attention", "cpu") == "cpu"
+    assert backends.resolve("attention_with_block_pool", "cpu") == "ref"
 
 
 def test_opcheck():

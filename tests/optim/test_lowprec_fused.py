@@ -49,7 +49,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.fixture
 def native_calls(monkeypatch):
     """Counts the calls of the native fused step."""
-    import lowbit.backends.cpu as cpu
+    import lowbit.backends.cpu.optim as cpu
 
     calls = []
     orig = cpu.optim_lowprec_step
@@ -305,7 +305,7 @@ def test_kernel_rejects_bad_input_with_the_argument_named():
 
 
 def test_ref_backend_never_calls_native(monkeypatch):
-    import lowbit.backends.cpu as cpu
+    import lowbit.backends.cpu.optim as cpu
 
     if NATIVE:
         monkeypatch.setattr(cpu, "optim_lowprec_step", lambda *a: pytest.fail("native step under use_backend('ref')"))

@@ -12,19 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _check as _check_tensors
-
-
-def devices() -> tuple[str, ...]:
-    from . import devices as d
-
-    return d()
-
-
-def unavailable() -> str | None:
-    from . import unavailable as u
-
-    return u()
+from ._support import check as _check_tensors
 
 
 @triton.jit

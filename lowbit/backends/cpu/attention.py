@@ -7,22 +7,23 @@ For every query block the selected key blocks are listed (ascending); query bloc
 same number c of key blocks are batched: their K and V blocks are gathered into [rows, c * bs, D],
 scored with one batched matmul, soft-maxed in one pass and multiplied by V with a second one. Work
 and memory traffic are proportional to the number of selected blocks; chunks of at most
-PAIRS_PER_CHUNK gathered blocks keep the working set cache-sized. Same signature and results (to fp32 rounding) as `ref_attention`.
+PAIRS_PER_CHUNK gathered blocks keep the working set cache-sized. Same signature and results (to
+fp32 rounding) as `lowbit.backends.ref.attention`.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from ..ref.attention import block_lists
+from ._native import _C
+
 # pairs per chunk: 256 pairs of 64x128 fp32 K and V blocks are ~16 MB gathered
 PAIRS_PER_CHUNK = 256
 
 
-def devices() -> tuple[str, ...]:
-    return ("cpu",)
-
-
 def unavailable() -> str | None:
+    """None: without the C++ extension the PyTorch path below serves."""
     return None
 
 
@@ -35,23 +36,8 @@ def _padded_blocks(x: torch.Tensor, n: int, block_size: int, ct: torch.dtype) ->
     return x.reshape(B * H * n, block_size, D)
 
 
-def block_lists(block_mask: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(counts [B*H*n] int32, cols [B*H*n, n] int32): each query block's selected key blocks, ascending."""
-    n, dev = block_mask.shape[-1], block_mask.device
-    keep = block_mask | torch.eye(n, dtype=torch.bool, device=dev)
-    if causal:
-        keep = keep & torch.ones(n, n, dtype=torch.bool, device=dev).tril()
-    keep = keep.reshape(-1, n)
-    ar = torch.arange(n, dtype=torch.int32, device=dev)
-    cols = torch.where(keep, ar, torch.full_like(ar, n)).sort(-1).values
-    return keep.sum(-1, dtype=torch.int32).contiguous(), cols.to(torch.int32).contiguous()
-
-
 def _native():
-    try:
-        from .. import _C
-    except Exception:  # no compiler at install time: the PyTorch path serves
-        return None
+    """The C++ kernel, or None where the extension is not built (the PyTorch path serves)."""
     return getattr(_C, "block_sparse_attention_f32", None)
 
 

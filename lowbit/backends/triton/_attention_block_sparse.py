@@ -12,20 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..cpu_attention import block_lists
-from . import _check as _check_tensors
-
-
-def devices() -> tuple[str, ...]:
-    from . import devices as d
-
-    return d()
-
-
-def unavailable() -> str | None:
-    from . import unavailable as u
-
-    return u()
+from ..ref.attention import block_lists
+from ._support import check as _check_tensors
 
 
 @triton.jit

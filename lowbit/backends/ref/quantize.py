@@ -1,127 +1,17 @@
-"""Pure-PyTorch reference backend: the executable spec every other backend matches bit for bit.
-
-Layout seen by backends
------------------------
-The public layer (`lowbit.ops`) moves the quantization axis last and flattens the rest, so
-every backend op works on a 2-D `[R, K]` tensor with blocks `(br, bk)` that tile it exactly:
-tensor-wise scaling is the block `(R, K)`, row-wise `(1, K)`, MX `(1, 32)`, NVFP4 `(1, 16)` or
-`(16, 16)`, FP8 `(1, 128)` / `(128, 128)`. Scales have shape `[R // br, K // bk]`.
-
-Random bits (stochastic rounding)
----------------------------------
-`r(seed, i)` is word `i mod 4` of Philox4x32-10 with counter `(lo32(i div 4), hi32(i div 4), 0, 0)`
-and key `(seed mod 2^32, seed div 2^32)`; for `i < 2^34` this is Triton's
-`tl.randint4x(seed, i // 4)[i % 4]`. `i` is the flat row-major index of the element in the tensor
-the caller passed, before the axis move or any Hadamard transform: for row `r`, column `k` of the
-2-D view, `i = (r div inner) * K * inner + k * inner + (r mod inner)` where `inner` is the
-product of the caller's dimensions after the quantization axis (1 when the axis is last).
-`u = (r >> 8) * 2^-24`.
-
-Rounding a value v onto an element grid
----------------------------------------
-`lo` = grid point next to v toward zero, `hi` = next grid point away from zero,
-`frac = (|v| - |lo|) / (|hi| - |lo|)` (exact: the spacing is a power of two).
-nearest: `hi` iff `frac > 1/2`, or `frac == 1/2` and `lo` has an odd last mantissa bit (ties to even).
-stochastic: `hi` iff `frac > u`.
-Finite values beyond the largest finite value saturate to it (all formats: a "satfinite" cast).
-Signed zeros keep their sign. NaN -> the canonical NaN (E4M3/E5M2 0x7F, bf16 0x7FC0, fp16 0x7E00).
-Inf -> Inf where the element has one (E5M2, bf16, fp16), else the largest finite value (E4M3, as
-torch's cast does). In scaled formats Inf and NaN make their block's scale NaN (below).
-
-Scales (x is fp32; every operation below is one fp32 operation, evaluated left to right)
-------------------------------------------------------------------------------------------
-FP8 (fp32 scale `d`, x ~ q * d): `amax` over the block; `d = amax / max_elem`, `d = 1` when
-  `amax == 0`, then `d = max(d, 2^-126)`. `scale_mode="rceil"` rounds `d` up to a power of two
-  (nothing saturates), `"floor"` down to one (may saturate). Element `v = x / d`.
-MX (OCP MX v1.0, E8M0 byte `e + 127`): `e = floor(log2(amax)) - emax_elem` (`"floor"`, exact
-  from the exponent bits), or `e = ceil(log2(amax / max_elem))` (`"rceil"`), clamped to
-  [-127, 127]; an all-zero block gets `e = -127`. Element `v = x * 2^-e`.
-NVFP4: `s_enc = 2688 / amax(tensor)` (2688 = 448 * 6; `global_amax` replaces the tensor amax;
-  `s_enc = 1` when that amax is 0; at most FLT_MAX). Per block
-  `s_blk = e4m3_rne(clamp(amax(block) / 6 * s_enc, 2^-6, 448))`; element `v = x * s_enc / s_blk`.
-  Decode `x' = q * s_blk / s_enc`.
-A block whose amax is NaN (it holds NaN or Inf) gets a NaN scale (fp32 NaN, E8M0 0xFF,
-E4M3 0x7F) and its elements the NaN code (FP8) or code 0 (FP4, which has no NaN).
-
-FP4 packing: two E2M1 codes per uint8, element 2i in the low nibble, 2i+1 in the high nibble.
-
-Random Hadamard transform (block b, a power of two in [16, 32768], along the last dim)
------------------------------------------------------------------------------------------
-`y = x @ (diag(s) H_b) * c_b` on consecutive 1 x b blocks, H_b Sylvester, `c_b = fp32(1/sqrt(b))`.
-Evaluation order (fixed, so backends agree bit for bit): multiply by the signs, then the
-butterfly stages h = 1, 2, 4, ..., b/2, each replacing (y[j], y[j+h]) with (y[j]+y[j+h], y[j]-y[j+h]),
-then multiply by `c_b`. The inverse runs the butterfly, the `c_b` multiply, then the signs.
-Signs: `s_j = -1` iff the top bit of word `j mod 4` of Philox4x32-10 with counter
-`(j div 4, 0, 1, 0)` and the seed's key is set (a stream disjoint from the rounding bits);
-no seed means all `s_j = +1`.
-
-GEMM: `qmatmul(a, b) = dequantize(a) @ dequantize(b).T` in fp32, then cast to the output dtype.
-"""
+"""Quantize, dequantize and cast: the spec of the rounding and scaling rules (see the package docstring)."""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from ..formats import E2M1, E4M3, ELEMENT_OF_DTYPE, Element, Format
+from ...bits import element_index, pack_fp4, random_bits, uniform_from_bits, unpack_fp4
+from ...formats import E2M1, E4M3, ELEMENT_OF_DTYPE, Element, Format
+from .hadamard import hadamard
 
-MASK32 = 0xFFFFFFFF
-PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
-PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
 NVFP4_ENC = 448.0 * 6.0
 FP4_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 NAN_CODE = {"e4m3": 0x7F, "e5m2": 0x7F, "bf16": 0x7FC0, "fp16": 0x7E00}
-
-
-# ----------------------------------------------------------------------------- random bits
-def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo) 32-bit halves of a * b for a 32-bit constant a and int64 tensor b < 2^32."""
-    p_lo = b * (a & 0xFFFF)
-    p_hi = b * (a >> 16)
-    lo_full = p_lo + ((p_hi & 0xFFFF) << 16)
-    return (p_hi >> 16) + (lo_full >> 32), lo_full & MASK32
-
-
-def philox4x32(c0, c1, c2, c3, seed: int) -> list[torch.Tensor]:
-    """Philox4x32-10 on int64 tensors holding uint32 values; key = (seed lo32, seed hi32)."""
-    k0, k1 = seed & MASK32, (seed >> 32) & MASK32
-    for _ in range(10):
-        hi0, lo0 = _mulhilo(PHILOX_M0, c0)
-        hi1, lo1 = _mulhilo(PHILOX_M1, c2)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0, k1 = (k0 + PHILOX_W0) & MASK32, (k1 + PHILOX_W1) & MASK32
-    return [c0, c1, c2, c3]
-
-
-def _philox_word(index: torch.Tensor, stream: int, seed: int) -> torch.Tensor:
-    q = index >> 2
-    zero = torch.zeros_like(q)
-    if stream == 0:  # rounding bits: counter (lo32(i/4), hi32(i/4), 0, 0)
-        words = philox4x32(q & MASK32, q >> 32, zero, zero, seed)
-    else:  # Hadamard signs: counter (j/4, 0, 1, 0)
-        words = philox4x32(q, zero, zero + 1, zero, seed)
-    lane = index & 3
-    out = words[0]
-    for w in range(1, 4):
-        out = torch.where(lane == w, words[w], out)
-    return out
-
-
-def random_bits(seed: int, index: torch.Tensor) -> torch.Tensor:
-    """r(seed, i) as int64 tensor holding uint32 values."""
-    return _philox_word(index.to(torch.int64), 0, seed)
-
-
-def element_index(R: int, K: int, inner: int, device=None) -> torch.Tensor:
-    """Flat index in the caller's tensor of each element of the [R, K] working view."""
-    r = torch.arange(R, dtype=torch.int64, device=device).unsqueeze(1)
-    k = torch.arange(K, dtype=torch.int64, device=device).unsqueeze(0)
-    return (r // inner) * (K * inner) + k * inner + (r % inner)
-
-
-def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
-    """u = (r >> 8) * 2^-24, as float64 (exact)."""
-    return (bits >> 8).to(torch.float64) * 2.0**-24
 
 
 # ----------------------------------------------------------------------------- element rounding
@@ -169,14 +59,6 @@ def decode_fp4(codes: torch.Tensor) -> torch.Tensor:
     return torch.where((codes & 8) != 0, -mag, mag)
 
 
-def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
-
-
-def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
-    return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
-
-
 def encode_elements(q: torch.Tensor, elem: Element) -> torch.Tensor:
     """Grid values (float64) -> storage: float8 tensor, or unpacked FP4 codes (uint8)."""
     if elem is E2M1:
@@ -209,11 +91,6 @@ def _blocks(x: torch.Tensor, br: int, bk: int) -> torch.Tensor:
     """[R, K] -> [R/br, K/bk, br*bk] view of the tiles."""
     R, K = x.shape
     return x.reshape(R // br, br, K // bk, bk).permute(0, 2, 1, 3).reshape(R // br, K // bk, br * bk)
-
-
-def _unblocks(t: torch.Tensor, br: int, bk: int) -> torch.Tensor:
-    nr, nk, _ = t.shape
-    return t.reshape(nr, nk, br, bk).permute(0, 2, 1, 3).reshape(nr * br, nk * bk)
 
 
 def block_amax(x: torch.Tensor, br: int, bk: int) -> torch.Tensor:
@@ -278,44 +155,6 @@ def nvfp4_block_scale(amax_blk: torch.Tensor, s_enc: torch.Tensor) -> torch.Tens
     return _canonical_nan(q.to(torch.float8_e4m3fn), q, E4M3)
 
 
-# ----------------------------------------------------------------------------- Hadamard
-def hadamard_signs(block: int, seed: int | None, device=None) -> torch.Tensor:
-    if seed is None or seed < 0:
-        return torch.ones(block, dtype=torch.float32, device=device)
-    word = _philox_word(torch.arange(block, dtype=torch.int64, device=device), 1, seed)
-    return torch.where((word >> 31) == 1, -1.0, 1.0).to(torch.float32)
-
-
-def hadamard_norm(block: int) -> float:
-    """fp32(1/sqrt(b)), correctly rounded."""
-    return float(torch.tensor(1.0 / math.sqrt(block), dtype=torch.float64).to(torch.float32))
-
-
-def _butterfly(y: torch.Tensor, block: int) -> torch.Tensor:
-    lead = y.shape[:-1]
-    h = 1
-    while h < block:
-        t = y.reshape(*lead, block // (2 * h), 2, h)
-        a, c = t[..., 0, :], t[..., 1, :]
-        y = torch.stack([a + c, a - c], dim=-2).reshape(*lead, block)
-        h *= 2
-    return y
-
-
-def hadamard(x: torch.Tensor, block: int, seed: int | None, inverse: bool) -> torch.Tensor:
-    """Random Hadamard transform of each 1 x block slice of the last dim of [R, K]; fp32 out."""
-    R, K = x.shape
-    y = x.to(torch.float32).reshape(R, K // block, block)
-    s = hadamard_signs(block, seed, x.device)
-    norm = torch.tensor(hadamard_norm(block), dtype=torch.float32)
-    if not inverse:
-        y = y * s
-    y = _butterfly(y, block) * norm
-    if inverse:
-        y = y * s
-    return y.reshape(R, K)
-
-
 # ----------------------------------------------------------------------------- quantize
 def quantize(x, fmt: Format, block, rounding, seed, scale_mode, global_amax, hadamard_block, inner):
     """[R, K] float -> (data, scale, global_scale) per the module docstring."""
@@ -369,20 +208,3 @@ def dequantize(data, scale, global_scale, fmt: Format, block, K: int, dtype: tor
     else:
         out = q * _expand(scale.to(torch.float32), br, bk) / global_scale
     return out.reshape(R, K).to(dtype)
-
-
-def qmatmul(a, b, out_dtype: torch.dtype) -> torch.Tensor:
-    """a [M, K] and b [N, K] as `lowbit.qtensor.QParts` (2-D storage) -> a @ b.T in fp32."""
-    return torch.mm(dequantize(*a, torch.float32), dequantize(*b, torch.float32).t()).to(out_dtype)
-
-
-def devices() -> tuple[str, ...]:
-    return ("cpu", "cuda")
-
-
-def unavailable() -> str | None:
-    return None
-
-
-# SeerAttention references (kept in their own file): attention_with_block_pool, block_sparse_attention
-from .ref_attention import attention_with_block_pool, block_sparse_attention  # noqa: E402,F401

@@ -24,14 +24,6 @@ import torch
 import torch.nn.functional as F
 
 
-def devices() -> tuple[str, ...]:
-    return ("cpu", "cuda")
-
-
-def unavailable() -> str | None:
-    return None
-
-
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -122,5 +114,14 @@ def expand_block_mask(block_mask: torch.Tensor, block_size: int, seq: int, causa
     return m
 
 
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
+def block_lists(block_mask: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counts [B*H*n] int32, cols [B*H*n, n] int32): each query block's visible key blocks, ascending
+    (the selected ones, the diagonal, none above it when causal), padded with n."""
+    n, dev = block_mask.shape[-1], block_mask.device
+    keep = block_mask | torch.eye(n, dtype=torch.bool, device=dev)
+    if causal:
+        keep = keep & torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+    keep = keep.reshape(-1, n)
+    ar = torch.arange(n, dtype=torch.int32, device=dev)
+    cols = torch.where(keep, ar, torch.full_like(ar, n)).sort(-1).values
+    return keep.sum(-1, dtype=torch.int32).contiguous(), cols.to(torch.int32).contiguous()
