@@ -1,6 +1,7 @@
-"""Format descriptors: data only. The arithmetic that uses them lives in backends/ref.py."""
+"""Format descriptors: data only. The arithmetic that uses them lives in the `lowbit.backends.ref` package."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +27,6 @@ class Element:
     @property
     def emax(self) -> int:
         """Exponent of the largest finite value (OCP MX's emax_elem)."""
-        import math
-
         return int(math.floor(math.log2(self.max)))
 
     @property

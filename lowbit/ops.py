@@ -3,7 +3,7 @@
 This layer checks arguments (every bad input is a ValueError/TypeError naming the argument),
 moves the quantization axis last, flattens to the 2-D `[R, K]` view backends work on, and
 calls the `lowbit::*` custom ops (so `torch.compile` traces them). The numerics are defined in
-`lowbit/backends/ref.py`.
+the `lowbit.backends.ref` package (the executable spec).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """SeerAttention: a learned block-sparse attention gate, self-distilled from a frozen model.
 
-ops.py        attention_with_block_pool, block_sparse_attention (reference: backends/ref_attention.py)
+ops.py        attention_with_block_pool, block_sparse_attention (reference: backends/ref/attention.py)
 gate.py       AttnGate: pooled Q/K -> block scores
 selection.py  block masks by threshold, top-k or density; static and oracle patterns
 model.py      gates inside a Hugging Face Llama-style model (transformers AttentionInterface)

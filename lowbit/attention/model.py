@@ -48,6 +48,7 @@ def _register() -> None:
     global _registered
     if _registered:
         return
+    # lazy: transformers is heavy to import and only the model wiring needs it
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 

@@ -152,7 +152,7 @@ def unconvert(model: nn.Module) -> nn.Module:
         if not isinstance(m, LowBitLinear):
             continue
         if m.transposed_weight:
-            from transformers.pytorch_utils import Conv1D
+            from transformers.pytorch_utils import Conv1D  # lazy: only GPT-2-style models need transformers
 
             new = Conv1D(m.out_features, m.in_features)
         else:

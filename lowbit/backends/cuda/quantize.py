@@ -13,7 +13,7 @@ _CAST_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16",
 
 
 def seed64(seed: int) -> int:
-    """The Philox key as the signed int64 the extension takes (the same 64 bits ref.py uses)."""
+    """The Philox key as the signed int64 the extension takes (the same 64 bits the ref backend uses)."""
     s = int(seed) % 2**64
     return s - 2**64 if s >= 2**63 else s
 

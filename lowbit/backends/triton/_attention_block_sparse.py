@@ -1,4 +1,4 @@
-"""Triton block-sparse attention (flash-attention style), plus the pooled-attention kernel's entry point.
+"""Triton block-sparse attention (flash-attention style).
 
 One program per (query block, batch * head). The selected key blocks of each query block are passed
 as a sorted index list (CSR: `counts[row]`, `cols[row, :counts[row]]`), so a program loops only over
@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ..ref.attention import block_lists
-from ._support import check as _check_tensors
+from ._attention_common import block_scores, launch_args, online_softmax_step
 
 
 @triton.jit
@@ -38,49 +38,17 @@ def _block_sparse_fwd(Q, K, V, O, counts, cols, scale, S, H, G, N_BLOCKS,
     cnt = tl.load(counts + row)
     for t in range(0, cnt):
         j = tl.load(cols + row * N_BLOCKS + t)
-        offs_n = j * BS + tl.arange(0, BS)
-        k = tl.load(K + b * skb + kvh * skh + offs_n[:, None] * sks + offs_d[None, :],
-                    mask=(offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale
-        valid = offs_n[None, :] < S
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * svb + kvh * svh + offs_n[:, None] * svs + offs_dv[None, :],
-                    mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        s, offs_n = block_scores(q, K, b, kvh, j, offs_m, S, skb, skh, sks, scale, CAUSAL, BS, BD, D, IEEE)
+        m_i, l_i, acc = online_softmax_step(s, offs_n, m_i, l_i, acc, V, b, kvh, S, svb, svh, svs, BDV, DV, IEEE)
     out = acc / l_i[:, None]
     o_ptr = O + b * sob + h * soh + offs_m[:, None] * sos + offs_dv[None, :]
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < S) & (offs_dv[None, :] < DV))
 
 
 def block_sparse_attention(q, k, v, block_mask, block_size: int, causal: bool, scale: float):
-    _check_tensors(q, k, v)
-    if q.dtype == torch.float64:
-        raise TypeError("q: the triton backend computes in fp32 and does not take float64 (use backend='ref')")
-    B, H, S, D = q.shape
-    Hk, Dv = k.shape[1], v.shape[-1]
-    n = -(-S // block_size)
+    q, k, v, out, sizes, strides, meta = launch_args(q, k, v, block_size)
+    n = sizes[3]
     counts, cols = block_lists(block_mask, causal)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = torch.empty(B, H, S, Dv, dtype=q.dtype, device=q.device)
-    bd, bdv = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
-    _block_sparse_fwd[(n, B * H)](
-        q, k, v, out, counts, cols, float(scale), S, H, H // Hk, n,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        CAUSAL=causal, BS=block_size, BD=bd, BDV=bdv, D=D, DV=Dv, IEEE=q.dtype == torch.float32)
+    _block_sparse_fwd[(n, q.shape[0] * q.shape[1])](q, k, v, out, counts, cols, float(scale), *sizes, *strides,
+                                                    CAUSAL=causal, **meta)
     return out

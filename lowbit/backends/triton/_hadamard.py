@@ -1,4 +1,4 @@
-"""Random Hadamard transform of 1 x b slices of the last dim, in the exact operation order of ref.py.
+"""Random Hadamard transform of 1 x b slices of the last dim, in the exact operation order of the ref backend.
 
 A block of b = 2^p elements is viewed as [b / (MID * LOW), MID, LOW]; one pass runs the butterfly
 stages for the MID axis (h = LOW, 2 LOW, ..., MID * LOW / 2) on [MID, LINES] register tiles, where

@@ -3,7 +3,7 @@
 Three launches: `_amax.block_amax_bits` (exact integer max per block, plus the tensor amax for
 NVFP4), `_scale_kernel` (one lane per block: the stored scale and the fp32 factor the elements
 use), `_encode_kernel` (one lane per element: scale, round, encode, pack FP4 pairs). Every fp32
-operation is the one ref.py performs, in its order; divisions are correctly rounded with
+operation is the one the ref backend performs, in its order; divisions are correctly rounded with
 subnormals kept (`fdiv_rn`), whatever the device's flush-to-zero setting.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Every rounding decision is made with integer operations on the fp32 bit pattern, so the result
 does not depend on how a device (or the interpreter) rounds float conversions, and every
 division is an integer long division (`fdiv_rn`), so none depends on a flush-to-zero setting.
-The rules are those of `lowbit/backends/ref.py`.
+The rules are those of the `lowbit.backends.ref` package.
 """
 from __future__ import annotations
 
