@@ -1,7 +1,8 @@
 """The quantized Linear as an autograd Function: fprop, dgrad and wgrad each in its recipe's precision.
 
 x is [T, in] (tokens flattened), W is [out, in] (fp32 master weights, or whatever the module holds).
-Every quantized GEMM is `lowbit.qmatmul` (fp32 accumulation). Quantized weights come in from the
+Every quantized GEMM is `lowbit.qmatmul` (fp32 accumulation, output in the dtype the next step
+wants: the autocast / input dtype, fp32 where a bias or correction is added). Quantized weights come in from the
 caller (so a module can cache them for the whole optimizer step); activations are quantized here.
 What backward needs is saved already quantized (x along tokens for wgrad), which is also what
 keeps the activation memory of a quantized recipe small.
@@ -101,7 +102,9 @@ class LowBitLinearFunction(torch.autograd.Function):
             if recipe.activation_clamp_quantile is not None:
                 xin, residual = clamp_outliers(x, recipe.activation_clamp_quantile)
             qx = quantize_operand(pad_rows(xin, fi.rows_multiple()), fi)
-            y = qmatmul(qx, wq.fprop)[:T]
+            # fp32 accumulation always; the GEMM writes the output dtype itself unless fp32 terms follow
+            fp32_terms = bias is not None or (residual is not None and recipe.clamp_compensation)
+            y = qmatmul(qx, wq.fprop, out_dtype=torch.float32 if fp32_terms else out_dtype)[:T]
             if residual is not None and recipe.clamp_compensation:
                 # The clipped outliers (about 2 % of entries) multiply the same quantized weight in fp32.
                 y = y + torch.sparse.mm(residual.float().to_sparse(), dequantize(wq.fprop).t())
@@ -147,7 +150,7 @@ class LowBitLinearFunction(torch.autograd.Function):
             else:
                 seed = draw_seed() if dg.rounding == "stochastic" else 0
                 qdy = quantize_operand(pad_rows(dy, dg.rows_multiple()), dg, seed)
-                dx = qmatmul(qdy, wd_q)[:T]
+                dx = qmatmul(qdy, wd_q, out_dtype=ctx.x_dtype)[:T]
             dx = dx.to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             wg = recipe.wgrad_grad
@@ -159,7 +162,8 @@ class LowBitLinearFunction(torch.autograd.Function):
                 else:
                     mult = max(wg.reduction_multiple(), recipe.wgrad_input.reduction_multiple())
                     qdyt = quantize_operand(pad_cols(dy.t(), mult), wg, ctx.wseed)
-                dw = qmatmul(qdyt, xt_q)
+                dge = recipe.weight_estimator == "dge"  # the DGE factor multiplies in fp32
+                dw = qmatmul(qdyt, xt_q, out_dtype=torch.float32 if dge else weight.dtype)
             if recipe.weight_estimator == "dge":
                 dw = dw * dge_derivative(weight, wf_q, recipe.dge_k, recipe.dge_clip)
             dw = dw.to(weight.dtype)

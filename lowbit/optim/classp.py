@@ -6,15 +6,12 @@ import math
 import numbers
 
 import torch
-from torch.optim import Optimizer
 
-from .state import ExactStateLoad, compute_dtype
-from .stable_spam import check_grad, check_nonneg, check_params, new_stats
-
-_INF = float("inf")
+from ._base import LowbitOptimizer, check_nonneg
+from .state import compute_dtype
 
 
-class CLASSP(ExactStateLoad, Optimizer):
+class CLASSP(LowbitOptimizer):
     r"""Generalised AdaGrad decay with a gradient threshold.
 
     For every weight w_i with gradient g_i, only where ``g_i^2 > threshold``:
@@ -38,6 +35,8 @@ class CLASSP(ExactStateLoad, Optimizer):
     boolean with the threshold and its power is never applied, both fixed here).
     """
 
+    elementwise_update = True
+
     def __init__(self, params, lr=0.2, threshold=0.5, eps=1e-5, p=1.0):
         lr = check_nonneg(lr, "lr")
         threshold = check_nonneg(threshold, "threshold")
@@ -45,38 +44,19 @@ class CLASSP(ExactStateLoad, Optimizer):
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(p) or p <= 0:
             raise ValueError(f"p: expected a finite number > 0, got {p!r}")
         super().__init__(params, dict(lr=lr, threshold=threshold, eps=eps, p=float(p)))
-        check_params(self)
-        self.stats = new_stats()
         self.stats["updated"] = 0
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            power = group["p"]
-            for w in group["params"]:
-                if w.grad is None:
-                    continue
-                g = check_grad(w)
-                if not w.numel():
-                    continue
-                if not math.isfinite(torch.linalg.vector_norm(g, _INF).item()):
-                    self.stats["nonfinite_skipped"] += 1
-                    continue
-                g = g.to(compute_dtype(w))
-                st = self.state[w]
-                if "sum" not in st:
-                    st["sum"] = torch.zeros_like(w, dtype=compute_dtype(w), memory_format=torch.contiguous_format)
-                mask = g * g > group["threshold"]
-                a = g.abs()
-                st["sum"].add_(torch.where(mask, a if power == 1.0 else a.pow(power), 0.0))
-                denom = st["sum"].add(group["eps"])
-                if power != 1.0:
-                    denom.pow_(1.0 / power)
-                w.sub_(torch.where(mask, g / denom, 0.0) * group["lr"])
-                self.stats["updated"] += int(mask.sum())
-        self.stats["steps"] += 1
-        return loss
+    def _step_group(self, group, index):
+        power = group["p"]
+        for w, g in self._finite_grads(group["params"]):
+            st = self.state[w]
+            if "sum" not in st:
+                st["sum"] = torch.zeros_like(w, dtype=compute_dtype(w), memory_format=torch.contiguous_format)
+            mask = g * g > group["threshold"]
+            a = g.abs()
+            st["sum"].add_(torch.where(mask, a if power == 1.0 else a.pow(power), 0.0))
+            denom = st["sum"].add(group["eps"])
+            if power != 1.0:
+                denom.pow_(1.0 / power)
+            w.sub_(torch.where(mask, g / denom, 0.0) * group["lr"])
+            self.stats["updated"] += int(mask.sum())

@@ -32,6 +32,10 @@ import math
 
 import torch
 
+from ..formats import get_format
+from ..ops import dequantize, quantize, stochastic_round
+from ..qtensor import QTensor
+
 STATE_DTYPES = ("fp32", "bf16", "fp8", "int8")
 FP8_BLOCK = 128
 INT8_BLOCK = 256
@@ -137,17 +141,11 @@ def int8_decode(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, shape) 
 # fp8 per-block
 # ---------------------------------------------------------------------------------------------
 def fp8_encode(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..ops import quantize
-
     q = quantize(_blocks(x, FP8_BLOCK), fmt, block=(1, FP8_BLOCK))
     return q.data, q.scale
 
 
 def fp8_decode(data: torch.Tensor, scale: torch.Tensor, fmt: str, shape) -> torch.Tensor:
-    from ..formats import get_format
-    from ..ops import dequantize
-    from ..qtensor import QTensor
-
     q = QTensor(data, scale, None, get_format(fmt), data.shape, 1, (1, FP8_BLOCK))
     n = math.prod(shape)
     return dequantize(q).reshape(-1)[:n].reshape(shape)
@@ -204,8 +202,6 @@ def store_moment(state: dict, name: str, x: torch.Tensor, state_dtype: str, seed
         if state.get(name) is not x:
             state[name] = x
     elif state_dtype == "bf16":
-        from ..ops import stochastic_round
-
         state[name] = stochastic_round(x.contiguous(), torch.bfloat16, seed)
     elif state_dtype == "fp8":
         state[name], state[name + "_scale"] = fp8_encode(x, _FP8_FORMAT[name])
@@ -271,6 +267,4 @@ def sr_seed(base_seed: int, step: int, index: int, stream: int) -> int:
 
 def round_param_(p: torch.Tensor, value: torch.Tensor, seed: int) -> None:
     """Write fp32 `value` into a bf16 / fp16 parameter with stochastic rounding."""
-    from ..ops import stochastic_round
-
     p.copy_(stochastic_round(value.contiguous(), p.dtype, seed))

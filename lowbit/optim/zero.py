@@ -41,8 +41,8 @@ Wiring (a user script, and lowbit/train/)::
 
 Notes:
   * Without `attach` a StableSPAM step on a ZeRO partition raises (it never silently computes
-    the statistics per partition). `attach` is a no-op for stage 0 and for SPAM / CLASSP, whose
-    arithmetic is elementwise.
+    the statistics per partition). `attach` is a no-op for stage 0 and for optimizers whose
+    arithmetic is elementwise (``elementwise_update``: SPAM, CLASSP).
   * State dtypes other than fp32 quantize the flat partition's moments in blocks that may span
     two tensors, so they do not give the same bits as a run without ZeRO (fp32 does, up to the
     summation order of the gradient reduction and of the statistics).
@@ -56,6 +56,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,6 @@ def _stage12_layout(zopt, bit16_groups, flats) -> list:
 
 
 def _stage3_layout(zopt) -> list:
-    import torch.distributed as dist
-
     if getattr(zopt, "swap_optimizer", False):
         raise ValueError("zero.attach: optimizer state swapped to NVMe (offload_optimizer.device='nvme') is not "
                          "supported; use offload to 'cpu' or none")
@@ -152,9 +151,6 @@ def attach(engine) -> PartitionLayout | None:
     `engine` is what ``deepspeed.initialize`` returned first (or the ZeRO optimizer itself).
     Returns the layout (None when DeepSpeed does not partition: stage 0).
     """
-    from .classp import CLASSP
-    from .stable_spam import SPAM
-
     outer = getattr(engine, "optimizer", engine)
     if outer is None:
         raise ValueError("engine: it has no optimizer (pass optimizer=... to deepspeed.initialize)")
@@ -166,7 +162,7 @@ def attach(engine) -> PartitionLayout | None:
         return None
     if hasattr(client, "set_partition_layout"):
         client.set_partition_layout(layout)
-    elif not isinstance(client, (SPAM, CLASSP)):
+    elif not getattr(client, "elementwise_update", False):
         raise TypeError(f"engine: its client optimizer {type(client).__name__} has no per-tensor statistics for "
                         "lowbit.optim.zero to map (expected a lowbit optimizer)")
     return layout
@@ -181,8 +177,6 @@ _OPS = ("max", "sum")
 def gather_reduce(table: torch.Tensor, ops, group) -> torch.Tensor:
     """Combine a [n, k] fp64 table over `group`: column j by ops[j] ("max" or "sum"), in rank
     order, so every rank gets the same bits. One all-gather."""
-    import torch.distributed as dist
-
     world = dist.get_world_size(group=group)
     if world == 1:
         return table

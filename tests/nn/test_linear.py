@@ -280,3 +280,31 @@ def test_bad_input():
     with pytest.raises(ValueError, match="x: expected last dim 32"):
         layer(torch.randn(4, 31))
     assert torch.equal(layer(torch.zeros(4, 32)), layer.bias.detach().expand(4, 32))  # an all-zero input is exact
+
+
+@pytest.mark.parametrize("model_dtype,autocast,want", [
+    (torch.float32, False, (torch.float32, torch.float32, torch.float32)),
+    (torch.float32, True, (torch.bfloat16, torch.float32, torch.float32)),  # dx in x's dtype, dW in W's
+    (torch.bfloat16, False, (torch.bfloat16, torch.bfloat16, torch.bfloat16)),
+])
+def test_gemms_write_the_output_dtype_of_the_run(monkeypatch, model_dtype, autocast, want):
+    """fprop / dgrad / wgrad ask qmatmul for the dtype their result is used in (the GPU GEMM writes it
+    directly; accumulation stays fp32), so a bf16 run never materialises fp32 GEMM outputs."""
+    import lowbit.nn.functional as F
+
+    seen = []
+    real = F.qmatmul
+
+    def spy(a, b, *, out_dtype=torch.float32, backend=None):
+        seen.append(out_dtype)
+        return real(a, b, out_dtype=out_dtype, backend=backend)
+
+    monkeypatch.setattr(F, "qmatmul", spy)
+    layer = N.LowBitLinear(64, 32, bias=False, recipe="fp8-rowwise", dtype=model_dtype)
+    x = torch.randn(16, 64, dtype=model_dtype, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(x)
+    y.float().sum().backward()
+    assert y.dtype == want[0]
+    assert seen == list(want)
+    assert x.grad.dtype == model_dtype and layer.weight.grad.dtype == model_dtype

@@ -1,0 +1,136 @@
+"""What StableSPAM, SPAM and CLASSP share: argument checks, the step loop and the skipping of
+gradients that hold NaN or Inf."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch.optim import Optimizer
+
+from .state import ExactStateLoad, compute_dtype
+
+_INF = float("inf")
+
+
+# ---- argument checks ---------------------------------------------------------------------------
+def check_nonneg(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_unit(value, name: str) -> float:
+    """A decay factor in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}: expected a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def check_fraction(value, name: str) -> float:
+    """A number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_betas(betas) -> tuple:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
+    return check_unit(betas[0], "betas[0]"), check_unit(betas[1], "betas[1]")
+
+
+def check_interval(value, name: str, allow_none: bool = True):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}: expected an int >= 1{' or None' if allow_none else ''}, got {value!r}")
+    return int(value)
+
+
+def check_count(value, name: str) -> int:
+    """A number of steps that may be 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
+    return int(value)
+
+
+def check_adam(lr, betas, eps, weight_decay) -> dict:
+    """Adam's hyper-parameters, checked, as the start of an optimizer's defaults."""
+    return dict(lr=check_nonneg(lr, "lr"), betas=check_betas(betas), eps=check_nonneg(eps, "eps"),
+                weight_decay=check_nonneg(weight_decay, "weight_decay"))
+
+
+def check_params(optimizer: Optimizer) -> None:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.is_complex():
+                raise TypeError(f"params: complex parameters are not supported (got {p.dtype}); "
+                                "optimize torch.view_as_real(param) instead")
+            if not p.is_floating_point():
+                raise TypeError(f"params: expected floating-point parameters, got {p.dtype}")
+
+
+def check_grad(p: torch.Tensor) -> torch.Tensor:
+    g = p.grad
+    if g.is_sparse:
+        raise TypeError("grad: sparse gradients are not supported (use dense gradients, e.g. "
+                        "nn.Embedding(sparse=False))")
+    if g.is_complex() or p.is_complex():
+        raise TypeError(f"params: complex parameters are not supported (got {p.dtype})")
+    return g
+
+
+def new_stats() -> dict:
+    return {"steps": 0, "nonfinite_skipped": 0, "clipped": 0, "resets": 0}
+
+
+# ---- the optimizers' common frame ---------------------------------------------------------------
+class LowbitOptimizer(ExactStateLoad, Optimizer):
+    """Checks the parameters, keeps ``stats`` and runs `step` as one `_step_group` call per
+    parameter group; a subclass implements `_step_group`."""
+
+    # True where the update of each element depends on that element alone, so that stepping on
+    # DeepSpeed's ZeRO flat partitions needs no layout (see `lowbit.optim.zero.attach`)
+    elementwise_update = False
+
+    def __init__(self, params, defaults: dict):
+        super().__init__(params, defaults)
+        check_params(self)
+        self.stats = new_stats()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # a tensor's position among all parameters: its stochastic-rounding seeds derive from it
+        index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        for group in self.param_groups:
+            self._step_group(group, index)
+        self.stats["steps"] += 1
+        return loss
+
+    def _step_group(self, group: dict, index: dict) -> None:
+        raise NotImplementedError
+
+    def _finite_or_skip(self, amax: float) -> bool:
+        """False, counting a skipped tensor, where max |g| is NaN or Inf."""
+        if math.isfinite(amax):
+            return True
+        self.stats["nonfinite_skipped"] += 1
+        return False
+
+    def _finite_grads(self, params):
+        """(p, its gradient in the compute dtype) for each non-empty p with a gradient free of
+        NaN and Inf; a tensor whose gradient has either is skipped, its state untouched."""
+        for p in params:
+            if p.grad is None:
+                continue
+            g = check_grad(p)
+            if not p.numel():
+                continue
+            if not self._finite_or_skip(torch.linalg.vector_norm(g, _INF).item()):
+                continue
+            yield p, g.to(compute_dtype(p))

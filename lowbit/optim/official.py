@@ -1,0 +1,57 @@
+"""Stable-SPAM as the authors' code computes it (``StableSPAM(compat="official")``).
+
+The StableSPAM repository's ``galore_torch/stablespam.py`` differs from the paper's method in
+the quirks below; the functions here reproduce them, and the default (clean) mode of
+`lowbit.optim.StableSPAM` avoids them:
+
+1. One per-tensor counter k serves AdaClip, AdaGN and Adam, and the reset sets it to 1
+   without resetting ``M``, ``mu``, ``nu``. After a reset the statistics are therefore
+   divided by ``1 - theta^k`` with a small k although the EMAs are warm: ``M^`` is inflated
+   about 500x right after a reset (theta = 0.999), i.e. AdaClip is effectively off for
+   hundreds of steps after every reset.
+2. The reset replaces the stored moments by zeros, but the reset step itself still updates
+   the *old* moment tensors and uses them with the k = 1 bias corrections ``1 - beta1``,
+   ``1 - beta2``; the new zeros are first used at the following step (with k = 2).
+3. Under the cosine schedule the bias corrections use the current factor to the power k
+   (``1 - (gamma1 s(T))^k``, ``1 - (beta1 s(T))^k``), not the product of the factors applied.
+4. The cosine comes from ``CosineAnnealingLR(T_max=total_steps + 1)`` evaluated at T, so it
+   reaches eta_min at ``total_steps + 1`` and then rises again (it is periodic), returning to
+   1 at ``2 (total_steps + 1)``.
+5. Entries clipped by AdaClip are written back into ``p.grad`` (the caller sees the clipped
+   gradient after ``step()``).
+6. Bias corrections use k (per tensor) while the reset and the cosine use the global step T,
+   so a tensor that had no gradient on some step lags; one without a gradient on a reset
+   step is not reset in that interval at all. The clean mode keeps per-tensor counts too
+   (they count the EMA updates actually made) but resets such a tensor on its next step.
+"""
+from __future__ import annotations
+
+import math
+
+from . import kernels
+
+
+def cosine_scale(T: int, total: int, eta_min: float) -> float:
+    """The cosine factor s(T) (quirk 4)."""
+    return eta_min + (1.0 - eta_min) * (1.0 + math.cos(math.pi * T / (total + 1))) / 2.0
+
+
+def norm_mean_hat(st: dict, g1: float) -> float:
+    """The bias-corrected AdaGN mean, corrected by the current factor to the power k (quirks 1, 3)."""
+    return st["norm_mean"] / (1.0 - g1 ** st["step"])
+
+
+def adam_scalars(st: dict, beta1: float, beta2: float, interval, T: int):
+    """-> (beta1, zero moments before the update?, zero them after?, bc1, bc2): the reset restarts
+    the shared counter k and zeroes the moments only after this step's update (quirks 1, 2, 3, 6)."""
+    reset = interval is not None and T % interval == 0
+    if reset:
+        st["step"] = 1
+    k = st["step"]
+    return beta1, False, reset, 1.0 - beta1 ** k, 1.0 - beta2 ** k
+
+
+def write_back_clipped(pc) -> None:
+    """Clip the piece's gradient and write it into ``p.grad`` (quirk 5)."""
+    pc.grad = kernels.clipped(pc.grad, pc.mh, pc.r)
+    pc.grad_out().copy_(pc.grad)

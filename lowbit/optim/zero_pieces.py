@@ -1,0 +1,116 @@
+"""The pieces an optimizer with per-tensor statistics steps on, under DeepSpeed ZeRO or not.
+
+A piece is one original tensor as this rank sees it: a whole parameter, or its slice of a ZeRO
+flat partition. `FlatPartitions` tells the two kinds of tensors apart and cuts a flat partition
+into pieces with the `lowbit.optim.zero.PartitionLayout` that ``zero.attach`` hands it.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import state as S
+
+
+class Piece:
+    """One original tensor as this rank sees it: the whole parameter, or its slice of a ZeRO flat
+    partition (``length`` 0 where this rank holds none of it; its statistics still advance)."""
+
+    def __init__(self, st, carrier, start, length, group, numel=None):
+        self.st, self.carrier, self.start, self.length, self.group = st, carrier, start, length, group
+        self.numel = length if numel is None else numel
+        self.compute_dtype = S.compute_dtype(carrier)
+        self.amax, self.sumsq, self.count, self.clip = 0.0, 0.0, 0, False
+        self.grad = None
+
+    def view(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.start is None else t.narrow(0, self.start, self.length)
+
+    def grad_out(self) -> torch.Tensor:
+        return self.view(self.carrier.grad)
+
+    def grad_view(self) -> torch.Tensor:
+        return self.grad_out().to(self.compute_dtype)
+
+
+def by_carrier(pieces) -> dict:
+    """id(carrier) -> (carrier, its pieces), in the order the carriers first appear."""
+    out = {}
+    for pc in pieces:
+        out.setdefault(id(pc.carrier), (pc.carrier, []))[1].append(pc)
+    return out
+
+
+class FlatPartitions:
+    """Mixin for an optimizer with per-tensor statistics: steps on the tensors it was given and on
+    the flat partitions of a layout set by `set_partition_layout`, and refuses any other tensor.
+
+    The optimizer provides ``state``, ``state_dtype`` and ``_init_scalars(st, group)``, which
+    starts the statistics of one tensor.
+    """
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        # remembered so that a step on tensors this optimizer was never given (DeepSpeed's flat
+        # ZeRO partitions without `lowbit.optim.zero.attach`) fails instead of computing the
+        # per-tensor statistics over a whole partition; set up here because Optimizer.__init__
+        # adds the first groups before the subclass's __init__ can
+        given = self.__dict__.setdefault("_given", set())
+        given.update(id(p) for p in self.param_groups[-1]["params"])
+
+    def set_partition_layout(self, layout) -> None:
+        """Use `layout` (a `lowbit.optim.zero.PartitionLayout`, or None) to map the flat partitions
+        DeepSpeed steps this optimizer on back to the original tensors. Called by `zero.attach`."""
+        self._layout = layout
+
+    def _is_flat(self, p) -> bool:
+        layout = getattr(self, "_layout", None)
+        return layout is not None and layout.covers(p)
+
+    def _check_known(self, p) -> None:
+        given = getattr(self, "_given", None)
+        if given is not None and id(p) not in given and not self._is_flat(p):
+            raise RuntimeError(
+                f"{type(self).__name__}.step: a parameter this optimizer was not constructed with (a DeepSpeed "
+                "ZeRO flat partition?). Per-tensor statistics would be computed over the whole partition; "
+                "call lowbit.optim.zero.attach(engine) after deepspeed.initialize(...)")
+
+    def _advance(self, group, params) -> tuple[int, list, list]:
+        """Advance the group's global step; -> (the step T, the non-empty parameters of `params`,
+        its flat partitions)."""
+        flats = [p for p in params if self._is_flat(p)]
+        plain = [p for p in params if p.numel() and not self._is_flat(p)]
+        if flats:
+            # DeepSpeed steps the flat partitions of a group one call at a time (ZeRO 3 sub
+            # groups): each flat counts its own steps, so T is right however they are called
+            T = self.state[flats[0]].get("global_step", group["global_step"]) + 1
+            group["global_step"] = T
+        else:
+            group["global_step"] += 1
+            T = group["global_step"]
+        return T, plain, flats
+
+    def _pieces(self, group, plain, flats, T: int) -> list[Piece]:
+        pieces = [Piece(self.state[p], p, None, p.numel(), None) for p in plain]
+        for flat in flats:
+            pieces += self._flat_pieces(group, flat, T)
+        return pieces
+
+    def _flat_pieces(self, group, flat, T) -> list[Piece]:
+        if flat.dtype != torch.float32:
+            raise TypeError(f"params: ZeRO flat partitions are expected in fp32, got {flat.dtype}")
+        fl = self._layout.flat(flat)
+        fst = self.state[flat]
+        if "tensors" not in fst:
+            fst["tensors"] = []
+            for _ in fl.tensors:
+                sc = {}
+                self._init_scalars(sc, group)
+                fst["tensors"].append(sc)
+            S.init_moment(fst, "exp_avg", flat, self.state_dtype)
+            S.init_moment(fst, "exp_avg_sq", flat, self.state_dtype)
+        if len(fst["tensors"]) != len(fl.tensors):
+            raise RuntimeError(f"{type(self).__name__}: the state holds statistics of {len(fst['tensors'])} tensors "
+                               f"for a partition of {len(fl.tensors)} (a checkpoint of another model or grouping?)")
+        fst["global_step"] = T
+        return [Piece(sc, flat, t.start, t.length, fl.group, t.numel)
+                for sc, t in zip(fst["tensors"], fl.tensors) if t.numel]
