@@ -1,4 +1,5 @@
-"""The Triton backend against the reference backend (the spec), bit for bit: atol=0 everywhere.
+"""The Triton backend against the reference backend (the spec), bit for bit: atol=0 everywhere
+except the GEMM's fp32 sums (their derived bound is in test_triton_gemm.py).
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors. Triton reads
 TRITON_INTERPRET once, when it is imported (its own library functions, tl.max or tl.philox, are
@@ -466,11 +467,15 @@ def test_hadamard_other_input_dtypes_and_round_trip():
                                          ("mxfp4", None, "mxfp4", None), ("nvfp4", (1, 16), "nvfp4", (16, 16))])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_qmatmul_matches_ref(fa, ba, fb, bb, out_dtype):
+    """Same quantized operands bit for bit; the GEMM sums in another order, so within its fp32 bound."""
+    from test_triton_gemm import check_gemm
+
     g = torch.Generator().manual_seed(2)
     a, b = torch.randn(16, 64, generator=g).to(DEV), torch.randn(32, 64, generator=g).to(DEV)
-    results = []
-    for name in ("triton", "ref"):
-        qa = lowbit.quantize(a, fa, block=ba, rounding="stochastic", seed=1, backend=name)
-        qb = lowbit.quantize(b, fb, block=bb, rounding="stochastic", seed=2, backend=name)
-        results.append(lowbit.qmatmul(qa, qb, out_dtype=out_dtype, backend=name))
-    assert_same_bits(results[0], results[1], f"{fa} x {fb}")
+    q = {name: (lowbit.quantize(a, fa, block=ba, rounding="stochastic", seed=1, backend=name).parts(),
+                lowbit.quantize(b, fb, block=bb, rounding="stochastic", seed=2, backend=name).parts())
+         for name in ("triton", "ref")}
+    for ours, spec in zip(q["triton"], q["ref"]):
+        for field in ("data", "scale", "global_scale"):
+            assert_same_bits(getattr(ours, field), getattr(spec, field), f"{fa} x {fb} {field}")
+    check_gemm(*q["triton"], out_dtype)

@@ -1,11 +1,17 @@
-"""The quantized GEMM: operands decoded to fp32 by the Triton dequantize kernel, then a @ b.T."""
+"""The quantized GEMM: one Triton kernel (`_gemm`) that decodes both operands' tiles in registers."""
 from __future__ import annotations
 
 import torch
 
-from .quantize import dequantize
+from ._support import check
 
 
 def qmatmul(a, b, out_dtype: torch.dtype) -> torch.Tensor:
-    """a [M, K] and b [N, K] as `lowbit._ops.QParts` -> a @ b.T with fp32 accumulation."""
-    return torch.mm(dequantize(*a, torch.float32), dequantize(*b, torch.float32).t()).to(out_dtype)
+    """a [M, K] and b [N, K] as `lowbit._ops.QParts` (2-D storage) -> a @ b.T with fp32 accumulation.
+
+    Matches ref.qmatmul up to fp32 accumulation order (the bound is in `_gemm`'s docstring), not bit for bit.
+    """
+    check(a.data, b.data)
+    from . import _gemm  # lazy: Triton reads TRITON_INTERPRET when a kernel module is first imported
+
+    return _gemm.qmatmul(a, b, out_dtype)
