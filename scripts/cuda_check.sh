@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compile-checks the CUDA extension without a GPU: every csrc/cuda/*.cu with nvcc -c for each
 # target architecture (default sm_90a and sm_100a, as setup.py builds), every csrc/cuda/*.cpp
-# with the host compiler, then links lowbit._C_cuda and imports it (no device is touched).
+# with the host compiler, then links lowbit._C_cuda, imports it and compares its enum codes with
+# lowbit/backends/codes.py (no device is touched).
 # Flags are setup.py's (-O3, --expt-relaxed-constexpr, -gencode per arch) plus the ones
 # torch.utils.cpp_extension adds; the C++ standard is the one the installed torch requires.
 #
@@ -130,16 +131,24 @@ if [ "${CUDA_CHECK_LINK:-1}" = "1" ]; then
             -lc10 -lc10_cuda -ltorch -ltorch_cpu -ltorch_cuda -ltorch_python -lcudart > "$OBJ/link.log" 2>&1; then
         echo "  FAIL  link"; sed 's/^/        /' "$OBJ/link.log"; exit 1
     fi
-    # Loads the module (every symbol resolved, the bindings registered) on this GPU-less machine.
-    if ! "$PY" - "$so" > "$OBJ/import.log" 2>&1 <<'EOF'
+    # Loads the module (every symbol resolved, the bindings registered) on this GPU-less machine,
+    # and checks that its enum codes are those of lowbit/backends/codes.py.
+    if ! "$PY" - "$so" lowbit/backends/codes.py > "$OBJ/import.log" 2>&1 <<'EOF'
 import importlib.util, sys
 import torch  # noqa: F401  (loads libc10 / libtorch first, as lowbit does)
-spec = importlib.util.spec_from_file_location("lowbit._C_cuda", sys.argv[1])
-mod = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mod)
-missing = [f for f in ("quantize", "dequantize", "cast", "hadamard") if not hasattr(mod, f)]
+
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+mod = load("lowbit._C_cuda", sys.argv[1])
+missing = [f for f in ("quantize", "dequantize", "cast", "hadamard", "codes") if not hasattr(mod, f)]
 if missing:
     sys.exit(f"lowbit._C_cuda lacks {missing}")
+if mod.codes() != load("lowbit_codes", sys.argv[2]).TABLES:
+    sys.exit(f"lowbit._C_cuda.codes() differs from lowbit/backends/codes.py: {mod.codes()}")
 print("functions:", ", ".join(sorted(n for n in dir(mod) if not n.startswith("_"))))
 EOF
     then

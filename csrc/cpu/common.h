@@ -4,7 +4,6 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
-#include <string>
 #include <tuple>
 #include <vector>
 
@@ -65,25 +64,31 @@ inline void load_row<c10::Half>(const c10::Half* src, float* dst, int64_t n) {
 }
 #endif
 
+// The code of the fp32 value v on T's grid (satfinite): nearest-even, or stochastic with word r.
+template <class T, bool SR>
+inline uint32_t encode(float v, uint32_t r) {
+  return SR ? round_code_bits<T, true>(f32_bits(v), r) : round_code_rne<T>(f32_bits(v));
+}
+
 // Random Hadamard transform pieces (hadamard.cpp).
 constexpr int64_t kHadamardSegment = 2048;
-// Signs s_j (seed < 0: all +1), repeated with period `block` to the length hadamard_row reads
-// for rows of length K: max(block, min(K, kHadamardSegment)).
-std::vector<float> hadamard_signs(int64_t block, int64_t seed, int64_t K);
+// Signs s_j of the Philox key `seed` (all +1 without signs), repeated with period `block` to the
+// length hadamard_row reads for rows of length K: max(block, min(K, kHadamardSegment)).
+std::vector<float> hadamard_signs(int64_t block, bool with_signs, uint64_t seed, int64_t K);
 float hadamard_norm(int64_t block);
 // In-place transform of every 1 x block slice of a fp32 row of length K.
 void hadamard_row(float* y, int64_t K, int64_t block, const float* signs, float norm, bool inverse);
 void check_hadamard_block(int64_t block, int64_t K);
 
-at::Tensor hadamard(const at::Tensor& x, int64_t block, int64_t seed, bool inverse);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x, const std::string& kind,
-                                                        const std::string& elem, int64_t br, int64_t bk,
-                                                        bool stochastic, int64_t seed, const std::string& scale_mode,
+// The ops lowbit._C exposes (module.cpp); argument conventions in lowbit/enums.h.
+at::Tensor hadamard(const at::Tensor& x, int64_t block, const c10::optional<int64_t>& seed, bool inverse);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x, int64_t kind, int64_t elem, int64_t br,
+                                                        int64_t bk, int64_t rounding, int64_t seed, int64_t scale_mode,
                                                         const c10::optional<at::Tensor>& global_amax,
                                                         int64_t hadamard_block, int64_t inner);
-at::Tensor dequantize(const at::Tensor& data, const at::Tensor& scale, const at::Tensor& global_scale,
-                      const std::string& kind, const std::string& elem, int64_t br, int64_t bk, int64_t K);
-at::Tensor cast(const at::Tensor& x, const std::string& elem, bool stochastic, int64_t seed);
+at::Tensor dequantize(const at::Tensor& data, const at::Tensor& scale, const at::Tensor& global_scale, int64_t kind,
+                      int64_t elem, int64_t br, int64_t bk, int64_t K, int64_t out_dtype);
+at::Tensor cast(const at::Tensor& x, int64_t elem, int64_t rounding, int64_t seed);
 
 }  // namespace cpu
 }  // namespace lowbit

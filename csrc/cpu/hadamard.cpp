@@ -13,11 +13,11 @@
 namespace lowbit {
 namespace cpu {
 
-std::vector<float> hadamard_signs(int64_t block, int64_t seed, int64_t K) {
+std::vector<float> hadamard_signs(int64_t block, bool with_signs, uint64_t seed, int64_t K) {
   const int64_t len = block >= kHadamardSegment ? block : (K < kHadamardSegment ? K : kHadamardSegment);
   std::vector<float> s((size_t)len, 1.0f);
-  if (seed >= 0) {
-    for (int64_t j = 0; j < block; ++j) s[(size_t)j] = hadamard_sign((uint64_t)seed, (uint32_t)j);
+  if (with_signs) {
+    for (int64_t j = 0; j < block; ++j) s[(size_t)j] = hadamard_sign(seed, (uint32_t)j);
     for (int64_t j = block; j < len; ++j) s[(size_t)j] = s[(size_t)(j % block)];
   }
   return s;
@@ -114,7 +114,8 @@ static void hadamard_rows(const In* x, float* out, int64_t R, int64_t K, int64_t
   }
 }
 
-at::Tensor hadamard(const at::Tensor& x_in, int64_t block, int64_t seed, bool inverse) {
+// seed: the Philox key of the signs (enums.h), or none for the plain Sylvester transform.
+at::Tensor hadamard(const at::Tensor& x_in, int64_t block, const c10::optional<int64_t>& seed, bool inverse) {
   TORCH_CHECK(x_in.device().is_cpu(), "hadamard: expected a CPU tensor, got one on ", x_in.device());
   TORCH_CHECK(x_in.dim() == 2, "hadamard: expected a 2-D [R, K] tensor, got ", x_in.dim(), " dims");
   const auto st = x_in.scalar_type();
@@ -125,7 +126,7 @@ at::Tensor hadamard(const at::Tensor& x_in, int64_t block, int64_t seed, bool in
   check_hadamard_block(block, K);
   at::Tensor out = at::empty({R, K}, x.options().dtype(at::kFloat));
   if (x.numel() == 0) return out;
-  const std::vector<float> signs = hadamard_signs(block, seed, K);
+  const std::vector<float> signs = hadamard_signs(block, seed.has_value(), (uint64_t)seed.value_or(0), K);
   const float norm = hadamard_norm(block);
   float* o = out.data_ptr<float>();
   if (st == at::kFloat) {

@@ -1,4 +1,4 @@
-// Quantize / dequantize / cast on CPU, bit for bit the rules of lowbit/backends/ref.py.
+// Quantize on CPU, bit for bit the rules of lowbit/backends/ref.py.
 // Layout: a contiguous [R, K] input (fp32, bf16 or fp16, read in place), blocks (br, bk) tiling it.
 // Rows are spread over OpenMP threads; every element's result depends only on its value, its
 // block's scale and its own random word, so the thread count never changes a bit.
@@ -11,13 +11,12 @@
 #include <cstring>
 
 #include "common.h"
+#include "lowbit/codes.h"
 #include "simd.h"
 
 namespace lowbit {
 namespace cpu {
 namespace {
-
-enum Kind : int { kFP8 = 0, kMX = 1, kNV = 2 };
 
 struct QArgs {
   int64_t R, K, br, bk;
@@ -120,21 +119,16 @@ const uint32_t* row_bits(uint64_t seed, int64_t r, int64_t K, int64_t inner, std
 // The value rounded onto the element grid: x / d (FP8), x * 2^-e (MX), x * s_enc / s_blk (NVFP4).
 template <int KIND>
 inline float scaled_value(float x, float p, float gs) {
-  if (KIND == kFP8) return x / p;
-  if (KIND == kMX) return x * p;
+  if (KIND == kKindFP8) return x / p;
+  if (KIND == kKindMX) return x * p;
   return x * gs / p;
-}
-
-template <class T, bool SR>
-inline uint32_t encode(float v, uint32_t r) {
-  return SR ? round_code_bits<T, true>(f32_bits(v), r) : round_code_rne<T>(f32_bits(v));
 }
 
 #ifdef __AVX2__
 template <int KIND>
 inline __m256 scaled_avx2(__m256 x, __m256 p, __m256 gs) {
-  if (KIND == kFP8) return _mm256_div_ps(x, p);
-  if (KIND == kMX) return _mm256_mul_ps(x, p);
+  if (KIND == kKindFP8) return _mm256_div_ps(x, p);
+  if (KIND == kKindMX) return _mm256_mul_ps(x, p);
   return _mm256_div_ps(_mm256_mul_ps(x, gs), p);
 }
 
@@ -194,11 +188,11 @@ inline const float* e4m3_table() {
 // Scale of a block from its amax: stores it at scales[idx], returns the per-element factor p.
 template <class T, int KIND>
 inline float block_param(float amax, int mode, float gs, void* scales, int64_t idx) {
-  if (KIND == kFP8) {
+  if (KIND == kKindFP8) {
     const float d = fp8_scale(amax, T::kMax, mode);
     static_cast<float*>(scales)[idx] = d;
     return d;
-  } else if (KIND == kMX) {
+  } else if (KIND == kKindMX) {
     const uint8_t b = mx_scale_byte<T>(amax, mode);
     static_cast<uint8_t*>(scales)[idx] = b;
     return e8m0_inverse(b);
@@ -245,7 +239,7 @@ inline void row_blocks(const In* xr, int64_t r, const QArgs& a, const float* par
   const int64_t bk = BK ? BK : a.bk, nK = a.K / bk;
   const bool fused = a.br == 1;
   const float gs = a.gs;
-  if (KIND == kNV && fused && BK != 0) {
+  if (KIND == kKindNVFP4 && fused && BK != 0) {
     constexpr int64_t kChunk = 64;
     uint32_t am[kChunk];
     float pc[kChunk];
@@ -333,7 +327,7 @@ void quantize_typed(const In* x, const QArgs& a0, const c10::optional<float>& gl
   QArgs a = a0;
   const int64_t nR = a.R / a.br, nK = a.K / a.bk;
   auto amax_all = [&] { return a.hblock ? tensor_amax_transformed<In>(x, a) : tensor_amax<In>(x, a.R, a.K); };
-  if (KIND == kNV) {
+  if (KIND == kKindNVFP4) {
     a.gs = nvfp4_global_scale(global_amax.has_value() ? *global_amax : amax_all());
   }
   *gs_out = a.gs;
@@ -366,49 +360,16 @@ void quantize_rounding(bool sr, const In* x, const QArgs& a, const c10::optional
 template <class In>
 void quantize_dispatch(int kind, ElemId elem, bool sr, const In* x, const QArgs& a, const c10::optional<float>& ga,
                        void* scales, uint8_t* out, float* gs) {
-  if (kind == kFP8) {
-    if (elem == kE4M3) quantize_rounding<lowbit::E4M3, kFP8, In>(sr, x, a, ga, scales, out, gs);
-    else quantize_rounding<lowbit::E5M2, kFP8, In>(sr, x, a, ga, scales, out, gs);
-  } else if (kind == kMX) {
-    if (elem == kE4M3) quantize_rounding<lowbit::E4M3, kMX, In>(sr, x, a, ga, scales, out, gs);
-    else if (elem == kE5M2) quantize_rounding<lowbit::E5M2, kMX, In>(sr, x, a, ga, scales, out, gs);
-    else quantize_rounding<lowbit::E2M1, kMX, In>(sr, x, a, ga, scales, out, gs);
+  if (kind == kKindFP8) {
+    if (elem == kE4M3) quantize_rounding<lowbit::E4M3, kKindFP8, In>(sr, x, a, ga, scales, out, gs);
+    else quantize_rounding<lowbit::E5M2, kKindFP8, In>(sr, x, a, ga, scales, out, gs);
+  } else if (kind == kKindMX) {
+    if (elem == kE4M3) quantize_rounding<lowbit::E4M3, kKindMX, In>(sr, x, a, ga, scales, out, gs);
+    else if (elem == kE5M2) quantize_rounding<lowbit::E5M2, kKindMX, In>(sr, x, a, ga, scales, out, gs);
+    else quantize_rounding<lowbit::E2M1, kKindMX, In>(sr, x, a, ga, scales, out, gs);
   } else {
-    quantize_rounding<lowbit::E2M1, kNV, In>(sr, x, a, ga, scales, out, gs);
+    quantize_rounding<lowbit::E2M1, kKindNVFP4, In>(sr, x, a, ga, scales, out, gs);
   }
-}
-
-int parse_kind(const std::string& kind) {
-  if (kind == "fp8") return kFP8;
-  if (kind == "mx") return kMX;
-  if (kind == "nvfp4") return kNV;
-  TORCH_CHECK(false, "kind: expected 'fp8', 'mx' or 'nvfp4', got '", kind, "'");
-  return -1;
-}
-
-ElemId parse_elem(const std::string& elem) {
-  if (elem == "e4m3") return kE4M3;
-  if (elem == "e5m2") return kE5M2;
-  if (elem == "e2m1") return kE2M1;
-  if (elem == "bf16") return kBF16;
-  if (elem == "fp16") return kFP16;
-  TORCH_CHECK(false, "elem: expected one of 'e4m3', 'e5m2', 'e2m1', 'bf16', 'fp16', got '", elem, "'");
-  return kE4M3;
-}
-
-void check_format(int kind, ElemId elem) {
-  if (kind == kFP8) TORCH_CHECK(elem == kE4M3 || elem == kE5M2, "fp8 formats use e4m3 or e5m2 elements");
-  if (kind == kMX) TORCH_CHECK(elem == kE4M3 || elem == kE5M2 || elem == kE2M1, "mx formats use e4m3, e5m2 or e2m1 elements");
-  if (kind == kNV) TORCH_CHECK(elem == kE2M1, "nvfp4 uses e2m1 elements");
-}
-
-int parse_mode(int kind, const std::string& mode) {
-  if (mode == "exact" && kind == kFP8) return kScaleExact;
-  if (mode == "floor" && kind != kNV) return kScaleFloor;
-  if (mode == "rceil" && kind != kNV) return kScaleRceil;
-  if (mode == "exact" && kind == kNV) return kScaleExact;
-  TORCH_CHECK(false, "scale_mode: '", mode, "' is not valid for this format");
-  return 0;
 }
 
 void check_input_float(const at::Tensor& x, const char* what) {
@@ -420,32 +381,26 @@ void check_input_float(const at::Tensor& x, const char* what) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x_in, const std::string& kind_s,
-                                                        const std::string& elem_s, int64_t br, int64_t bk,
-                                                        bool stochastic, int64_t seed, const std::string& scale_mode,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x_in, int64_t kind_code, int64_t elem_code,
+                                                        int64_t br, int64_t bk, int64_t rounding, int64_t seed,
+                                                        int64_t scale_mode,
                                                         const c10::optional<at::Tensor>& global_amax,
                                                         int64_t hadamard_block, int64_t inner) {
   check_input_float(x_in, "quantize");
   TORCH_CHECK(x_in.dim() == 2, "quantize: expected a 2-D [R, K] tensor, got ", x_in.dim(), " dims");
-  const int kind = parse_kind(kind_s);
-  const ElemId elem = parse_elem(elem_s);
-  check_format(kind, elem);
-  const int mode = parse_mode(kind, scale_mode);
+  const auto [kind, elem] = check_format(kind_code, elem_code);
+  const int mode = check_scale_mode(scale_mode, kind);
+  const bool stochastic = check_rounding(rounding);
   const int64_t R = x_in.size(0), K = x_in.size(1);
   TORCH_CHECK(br > 0 && bk > 0, "block: expected positive sizes, got (", br, ", ", bk, ")");
   TORCH_CHECK(R % br == 0 && K % bk == 0, "block: (", br, ", ", bk, ") does not tile [", R, ", ", K, "]");
-  TORCH_CHECK(seed >= 0, "seed: expected a non-negative seed, got ", seed);
   TORCH_CHECK(inner >= 1 && R % inner == 0, "inner: expected a positive divisor of R = ", R, ", got ", inner);
   const bool packed = elem == kE2M1;
   TORCH_CHECK(!packed || bk % 2 == 0, "block: FP4 packs two elements per byte, so the block width must be even, got ", bk);
   if (hadamard_block) check_hadamard_block(hadamard_block, K);
   c10::optional<float> ga;
-  if (global_amax.has_value() && global_amax->defined()) {
-    TORCH_CHECK(kind == kNV, "global_amax: only NVFP4 has a per-tensor amax");
-    TORCH_CHECK(global_amax->numel() == 1, "global_amax: expected one value, got ", global_amax->numel());
-    ga = global_amax->to(at::kCPU).to(at::kFloat).reshape({}).item<float>();
-  }
-  const auto scale_dtype = kind == kFP8 ? at::kFloat : (kind == kMX ? at::kByte : at::kFloat8_e4m3fn);
+  if (check_global_amax(global_amax, kind)) ga = global_amax->to(at::kCPU).reshape({}).item<float>();
+  const auto scale_dtype = kind == kKindFP8 ? at::kFloat : (kind == kKindMX ? at::kByte : at::kFloat8_e4m3fn);
   const auto data_dtype = packed ? at::kByte : (elem == kE4M3 ? at::kFloat8_e4m3fn : at::kFloat8_e5m2);
   const auto opts = x_in.options();
   at::Tensor data = at::empty({R, packed ? K / 2 : K}, opts.dtype(data_dtype));
@@ -454,10 +409,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x_in, 
   if (x_in.numel() == 0) return {data, scale, gs};
 
   at::Tensor x = x_in.contiguous();
-  QArgs a{R, K, br, bk, mode, 1.0f, (uint64_t)seed, inner, 0, nullptr, 1.0f};
+  const uint64_t key = (uint64_t)seed;  // the 64 bits of the Philox key (enums.h)
+  QArgs a{R, K, br, bk, mode, 1.0f, key, inner, 0, nullptr, 1.0f};
   std::vector<float> signs;
   if (hadamard_block) {
-    signs = hadamard_signs(hadamard_block, seed, K);
+    signs = hadamard_signs(hadamard_block, true, key, K);
     a.norm = hadamard_norm(hadamard_block);
     if (br == 1 || (br == R && bk == K)) {
       a.hblock = hadamard_block;  // fused: rows are transformed in the amax and row passes
@@ -478,154 +434,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x_in, 
     quantize_dispatch<c10::Half>(kind, elem, stochastic, x.data_ptr<c10::Half>(), a, ga, sp, dp, gp);
   }
   return {data, scale, gs};
-}
-
-// ------------------------------------------------------------------------------------ dequantize
-namespace {
-
-template <class T>
-std::vector<float> decode_table() {
-  std::vector<float> lut(1u << T::kBits);
-  for (uint32_t c = 0; c < lut.size(); ++c) lut[c] = decode<T>(c);
-  return lut;
-}
-
-template <class T, int KIND>
-void dequantize_rows(const uint8_t* data, const void* scale, float gs, int64_t R, int64_t K, int64_t br, int64_t bk,
-                     float* out) {
-  constexpr bool kPacked = T::kBits == 4;
-  const std::vector<float> lut_v = decode_table<T>();
-  const float* lut = lut_v.data();
-  const int64_t nK = K / bk;
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < R; ++r) {
-    const uint8_t* d = data + r * (kPacked ? K / 2 : K);
-    float* o = out + r * K;
-    for (int64_t c = 0; c < nK; ++c) {
-      const int64_t idx = (r / br) * nK + c;
-      float s;
-      if (KIND == kFP8) s = static_cast<const float*>(scale)[idx];
-      else if (KIND == kMX) s = e8m0_decode(static_cast<const uint8_t*>(scale)[idx]);
-      else s = decode<lowbit::E4M3>(static_cast<const uint8_t*>(scale)[idx]);
-      float* __restrict ob = o + c * bk;
-      if (kPacked) {
-        const uint8_t* __restrict db = d + c * bk / 2;
-        for (int64_t j = 0; j < bk / 2; ++j) {
-          const uint8_t b = db[j];
-          const float lo = lut[b & 0xF], hi = lut[b >> 4];
-          ob[2 * j] = KIND == kNV ? lo * s / gs : lo * s;
-          ob[2 * j + 1] = KIND == kNV ? hi * s / gs : hi * s;
-        }
-      } else {
-        const uint8_t* __restrict db = d + c * bk;
-        for (int64_t k = 0; k < bk; ++k) ob[k] = KIND == kNV ? lut[db[k]] * s / gs : lut[db[k]] * s;
-      }
-    }
-  }
-}
-
-}  // namespace
-
-at::Tensor dequantize(const at::Tensor& data_in, const at::Tensor& scale_in, const at::Tensor& global_scale,
-                      const std::string& kind_s, const std::string& elem_s, int64_t br, int64_t bk, int64_t K) {
-  const int kind = parse_kind(kind_s);
-  const ElemId elem = parse_elem(elem_s);
-  check_format(kind, elem);
-  TORCH_CHECK(data_in.device().is_cpu() && scale_in.device().is_cpu(), "dequantize: expected CPU tensors");
-  TORCH_CHECK(data_in.dim() == 2, "dequantize: expected 2-D data, got ", data_in.dim(), " dims");
-  TORCH_CHECK(data_in.element_size() == 1, "dequantize: expected 1-byte codes, got ", data_in.scalar_type());
-  const bool packed = elem == kE2M1;
-  const int64_t R = data_in.size(0);
-  TORCH_CHECK(K >= 0 && data_in.size(1) == (packed ? K / 2 : K) && (!packed || K % 2 == 0),
-              "dequantize: data has ", data_in.size(1), " columns, which does not match K = ", K);
-  TORCH_CHECK(br > 0 && bk > 0 && R % br == 0 && K % bk == 0 && (!packed || bk % 2 == 0),
-              "dequantize: block (", br, ", ", bk, ") does not tile [", R, ", ", K, "]");
-  TORCH_CHECK(scale_in.numel() == (R / br) * (K / bk), "dequantize: expected ", (R / br) * (K / bk),
-              " scales, got ", scale_in.numel());
-  const auto want_scale = kind == kFP8 ? at::kFloat : (kind == kMX ? at::kByte : at::kFloat8_e4m3fn);
-  TORCH_CHECK(scale_in.scalar_type() == want_scale, "dequantize: expected ", want_scale, " scales, got ",
-              scale_in.scalar_type());
-  at::Tensor out = at::empty({R, K}, data_in.options().dtype(at::kFloat));
-  if (out.numel() == 0) return out;
-  float gs = 1.0f;
-  if (kind == kNV) {
-    TORCH_CHECK(global_scale.numel() == 1, "dequantize: expected a single global scale");
-    gs = global_scale.to(at::kCPU).to(at::kFloat).reshape({}).item<float>();
-  }
-  const at::Tensor data = data_in.contiguous();
-  const at::Tensor scale = scale_in.contiguous();
-  const uint8_t* d = static_cast<const uint8_t*>(data.data_ptr());
-  const void* s = scale.data_ptr();
-  float* o = out.data_ptr<float>();
-  if (kind == kFP8) {
-    if (elem == kE4M3) dequantize_rows<lowbit::E4M3, kFP8>(d, s, gs, R, K, br, bk, o);
-    else dequantize_rows<lowbit::E5M2, kFP8>(d, s, gs, R, K, br, bk, o);
-  } else if (kind == kMX) {
-    if (elem == kE4M3) dequantize_rows<lowbit::E4M3, kMX>(d, s, gs, R, K, br, bk, o);
-    else if (elem == kE5M2) dequantize_rows<lowbit::E5M2, kMX>(d, s, gs, R, K, br, bk, o);
-    else dequantize_rows<lowbit::E2M1, kMX>(d, s, gs, R, K, br, bk, o);
-  } else {
-    dequantize_rows<lowbit::E2M1, kNV>(d, s, gs, R, K, br, bk, o);
-  }
-  return out;
-}
-
-// ------------------------------------------------------------------------------------ cast
-namespace {
-
-template <class T, bool SR, class Out>
-void cast_typed(const float* x, int64_t n, uint64_t seed, Out* out) {
-  constexpr int64_t kChunk = 16384;
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-#pragma omp parallel
-  {
-    std::vector<uint32_t> scratch;
-#pragma omp for schedule(static)
-    for (int64_t ch = 0; ch < chunks; ++ch) {
-      const int64_t i0 = ch * kChunk;
-      const int64_t m = n - i0 < kChunk ? n - i0 : kChunk;
-      const float* __restrict xc = x + i0;
-      Out* __restrict oc = out + i0;
-      if (SR) {
-        const uint32_t* __restrict rb = contiguous_bits(seed, (uint64_t)i0, m, scratch);
-        for (int64_t k = 0; k < m; ++k) oc[k] = (Out)encode<T, true>(xc[k], rb[k]);
-      } else {
-        for (int64_t k = 0; k < m; ++k) oc[k] = (Out)encode<T, false>(xc[k], 0u);
-      }
-    }
-  }
-}
-
-template <class T, class Out>
-void cast_rounding(bool sr, const float* x, int64_t n, uint64_t seed, Out* out) {
-  if (sr) cast_typed<T, true, Out>(x, n, seed, out);
-  else cast_typed<T, false, Out>(x, n, seed, out);
-}
-
-}  // namespace
-
-at::Tensor cast(const at::Tensor& x_in, const std::string& elem_s, bool stochastic, int64_t seed) {
-  TORCH_CHECK(x_in.device().is_cpu(), "cast: expected a CPU tensor, got one on ", x_in.device());
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "cast: expected float32 input, got ", x_in.scalar_type());
-  TORCH_CHECK(seed >= 0, "seed: expected a non-negative seed, got ", seed);
-  const ElemId elem = parse_elem(elem_s);
-  TORCH_CHECK(elem != kE2M1, "cast: e2m1 has no torch dtype; quantize to mxfp4 or nvfp4 instead");
-  const auto dtype = elem == kE4M3 ? at::kFloat8_e4m3fn
-                     : elem == kE5M2 ? at::kFloat8_e5m2
-                     : elem == kBF16 ? at::kBFloat16 : at::kHalf;
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options().dtype(dtype));
-  const int64_t n = x.numel();
-  if (n == 0) return out;
-  const float* xp = x.data_ptr<float>();
-  void* op = out.data_ptr();
-  switch (elem) {
-    case kE4M3: cast_rounding<lowbit::E4M3>(stochastic, xp, n, (uint64_t)seed, static_cast<uint8_t*>(op)); break;
-    case kE5M2: cast_rounding<lowbit::E5M2>(stochastic, xp, n, (uint64_t)seed, static_cast<uint8_t*>(op)); break;
-    case kBF16: cast_rounding<lowbit::BF16>(stochastic, xp, n, (uint64_t)seed, static_cast<uint16_t*>(op)); break;
-    default: cast_rounding<lowbit::FP16>(stochastic, xp, n, (uint64_t)seed, static_cast<uint16_t*>(op)); break;
-  }
-  return out;
 }
 
 }  // namespace cpu

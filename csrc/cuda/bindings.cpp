@@ -1,6 +1,7 @@
 // lowbit._C_cuda: argument checks, output allocation and the Python module around the CUDA
 // kernels of csrc/cuda/*.cu (launch.h). Works on 2-D [R, K] tensors as lowbit/backends/ref.py
 // describes; every bad argument is a TORCH_CHECK error (a Python RuntimeError), never a crash.
+// The ops take lowbit._C's argument lists, built by lowbit/backends/codes.py (lowbit/enums.h).
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAException.h>
@@ -8,9 +9,9 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
-#include <string>
 #include <tuple>
 
+#include <lowbit/codes.h>
 #include <lowbit/formats.h>
 #include <lowbit/registry.h>
 
@@ -47,12 +48,6 @@ at::Tensor aligned_contiguous(const at::Tensor& x) {
   return c;
 }
 
-bool is_stochastic(const std::string& rounding) {
-  TORCH_CHECK(rounding == "nearest" || rounding == "stochastic", "rounding: expected 'nearest' or 'stochastic', got '",
-              rounding, "'");
-  return rounding == "stochastic";
-}
-
 bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 
 // Hadamard block sizes ref.py accepts: a power of two in [16, 32768] dividing K.
@@ -60,22 +55,6 @@ void check_hadamard_block(int64_t block, int64_t K, const char* name) {
   TORCH_CHECK(is_pow2(block) && block >= 16 && block <= 32768, name, ": expected a power of two in [16, 32768], got ",
               block);
   TORCH_CHECK(K % block == 0, name, ": block ", block, " must divide the last dimension, which has size ", K);
-}
-
-// kind / elem names of lowbit.formats -> (Kind, Elem), checked together.
-std::pair<int, int> format_ids(const std::string& kind, const std::string& elem) {
-  if (kind == "fp8") {
-    TORCH_CHECK(elem == "e4m3" || elem == "e5m2", "elem: fp8 takes 'e4m3' or 'e5m2', got '", elem, "'");
-    return {kKindFP8, elem == "e4m3" ? kElemE4M3 : kElemE5M2};
-  }
-  if (kind == "mx") {
-    TORCH_CHECK(elem == "e4m3" || elem == "e5m2" || elem == "e2m1", "elem: mx takes 'e4m3', 'e5m2' or 'e2m1', got '",
-                elem, "'");
-    return {kKindMX, elem == "e4m3" ? kElemE4M3 : (elem == "e5m2" ? kElemE5M2 : kElemE2M1)};
-  }
-  TORCH_CHECK(kind == "nvfp4", "kind: expected 'fp8', 'mx' or 'nvfp4', got '", kind, "'");
-  TORCH_CHECK(elem == "e2m1", "elem: nvfp4 takes 'e2m1', got '", elem, "'");
-  return {kKindNVFP4, kElemE2M1};
 }
 
 void check_block(int kind, int64_t R, int64_t K, int64_t br, int64_t bk) {
@@ -88,7 +67,7 @@ void check_block(int kind, int64_t R, int64_t K, int64_t br, int64_t bk) {
 }
 
 at::ScalarType data_dtype(int elem) {
-  return elem == kElemE2M1 ? at::kByte : (elem == kElemE4M3 ? at::kFloat8_e4m3fn : at::kFloat8_e5m2);
+  return elem == kE2M1 ? at::kByte : (elem == kE4M3 ? at::kFloat8_e4m3fn : at::kFloat8_e5m2);
 }
 
 at::ScalarType scale_dtype(int kind) {
@@ -122,45 +101,33 @@ at::Tensor hadamard_transform(const at::Tensor& x_in, int64_t block, bool with_s
   return y;
 }
 
-at::Tensor hadamard(const at::Tensor& x, int64_t block, int64_t seed, bool inverse) {
-  return hadamard_transform(x, block, seed >= 0, (uint64_t)seed, inverse);
+// seed: the Philox key of the signs (lowbit/enums.h), or none for the plain Sylvester transform.
+at::Tensor hadamard(const at::Tensor& x, int64_t block, const c10::optional<int64_t>& seed, bool inverse) {
+  return hadamard_transform(x, block, seed.has_value(), (uint64_t)seed.value_or(0), inverse);
 }
 
-// Quantize x [R, K] into kind "fp8" | "mx" | "nvfp4" with element "e4m3" | "e5m2" | "e2m1" and
-// tiles (br, bk). Returns (data, scale, global_scale) as ref.quantize does.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x_in, const std::string& kind,
-                                                        const std::string& elem, int64_t br, int64_t bk,
-                                                        const std::string& rounding, int64_t seed,
-                                                        const std::string& scale_mode,
+// Quantize x [R, K] into a format (kind, elem codes) with tiles (br, bk). Returns
+// (data, scale, global_scale) as ref.quantize does.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x_in, int64_t kind, int64_t elem, int64_t br,
+                                                        int64_t bk, int64_t rounding, int64_t seed, int64_t scale_mode,
                                                         const c10::optional<at::Tensor>& global_amax,
                                                         int64_t hadamard_block, int64_t inner) {
   check_cuda(x_in, "x");
   TORCH_CHECK(x_in.dim() == 2, "x: expected a 2-D [R, K] tensor, got ", x_in.dim(), " dims");
   int in = input_type(x_in, "x");
   const int64_t R = x_in.size(0), K = x_in.size(1);
-  const auto [k_id, e_id] = format_ids(kind, elem);
-  const bool packed = e_id == kElemE2M1;
-  const bool stochastic = is_stochastic(rounding);
-  int mode;
-  if (scale_mode == "exact") {
-    mode = kScaleExact;
-  } else if (scale_mode == "floor") {
-    mode = kScaleFloor;
-  } else {
-    TORCH_CHECK(scale_mode == "rceil", "scale_mode: expected 'exact', 'floor' or 'rceil', got '", scale_mode, "'");
-    mode = kScaleRceil;
-  }
-  TORCH_CHECK(k_id != kKindMX || mode != kScaleExact, "scale_mode: mx takes 'floor' or 'rceil', got 'exact'");
-  TORCH_CHECK(k_id != kKindNVFP4 || mode == kScaleExact, "scale_mode: nvfp4 takes 'exact', got '", scale_mode, "'");
+  const auto [k_id, e_id] = check_format(kind, elem);
+  const bool packed = e_id == kE2M1;
+  const bool stochastic = check_rounding(rounding);
+  const int mode = check_scale_mode(scale_mode, k_id);
   check_block(k_id, R, K, br, bk);
   TORCH_CHECK(inner >= 1, "inner: expected >= 1, got ", inner);
   TORCH_CHECK(!packed || K % 2 == 0, "x: FP4 packs two elements per byte; the last dim must be even, got ", K);
   if (hadamard_block) check_hadamard_block(hadamard_block, K, "hadamard_block");
-  if (global_amax.has_value()) {
-    TORCH_CHECK(k_id == kKindNVFP4, "global_amax: only nvfp4 has a per-tensor amax");
+  const bool has_global_amax = check_global_amax(global_amax, k_id);
+  if (has_global_amax) {
     check_cuda(*global_amax, "global_amax");
     check_same_device(*global_amax, x_in, "global_amax");
-    TORCH_CHECK(global_amax->numel() == 1, "global_amax: expected one value, got ", global_amax->numel());
   }
   TORCH_CHECK((R / br) * (K / bk) < ((int64_t)1 << 31), "block: too many blocks (", (R / br) * (K / bk), ")");
 
@@ -177,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x_in, 
   // and NVFP4 without global_amax (its per-tensor amax is over the transformed values), first
   // write the transformed tensor.
   const bool fused_hadamard = hadamard_block && row_block && hadamard_block <= 256 &&
-                              !(k_id == kKindNVFP4 && !global_amax.has_value());
+                              !(k_id == kKindNVFP4 && !has_global_amax);
   at::Tensor x = aligned_contiguous(x_in);
   at::Tensor sign_words;
   if (hadamard_block && !fused_hadamard) {
@@ -211,8 +178,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x_in, 
 
   at::Tensor given, reduced, amax;
   if (k_id == kKindNVFP4) {
-    if (global_amax.has_value()) {
-      given = global_amax->to(at::kFloat).contiguous();
+    if (has_global_amax) {
+      given = global_amax->contiguous();
     } else {
       reduced = at::zeros({1}, opts.dtype(at::kInt));
       C10_CUDA_CHECK(launch_tile_amax(in, a.x, R, K, R, K, vector_width(K), u32(reduced), stream));
@@ -231,36 +198,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x_in, 
   return {data, scale, global_scale};
 }
 
-// Decode (data, scale, global_scale) to [R, K] in out_dtype "float32" | "bfloat16" | "float16".
+// Decode (data, scale, global_scale) to [R, K] in out_dtype (an OutDtype code).
 at::Tensor dequantize(const at::Tensor& data_in, const at::Tensor& scale_in, const at::Tensor& global_scale,
-                      const std::string& kind, const std::string& elem, int64_t br, int64_t bk, int64_t K,
-                      const std::string& out_dtype) {
+                      int64_t kind, int64_t elem, int64_t br, int64_t bk, int64_t K, int64_t out_dtype) {
   check_cuda(data_in, "data");
   check_cuda(scale_in, "scale");
   check_cuda(global_scale, "global_scale");
   check_same_device(scale_in, data_in, "scale");
   check_same_device(global_scale, data_in, "global_scale");
   TORCH_CHECK(data_in.dim() == 2, "data: expected a 2-D tensor, got ", data_in.dim(), " dims");
-  const auto [k_id, e_id] = format_ids(kind, elem);
-  const bool packed = e_id == kElemE2M1;
-  int out;
-  at::ScalarType out_type;
-  if (out_dtype == "float32") {
-    out = kOutF32;
-    out_type = at::kFloat;
-  } else if (out_dtype == "bfloat16") {
-    out = kOutBF16;
-    out_type = at::kBFloat16;
-  } else {
-    TORCH_CHECK(out_dtype == "float16", "out_dtype: expected 'float32', 'bfloat16' or 'float16', got '", out_dtype,
-                "'");
-    out = kOutF16;
-    out_type = at::kHalf;
-  }
+  const auto [k_id, e_id] = check_format(kind, elem);
+  const bool packed = e_id == kE2M1;
+  const OutDtype out = check_out_dtype(out_dtype);
+  const at::ScalarType out_type = out_scalar_type(out);
   TORCH_CHECK(data_in.scalar_type() == data_dtype(e_id) || data_in.scalar_type() == at::kByte, "data: expected ",
-              data_dtype(e_id), " codes for ", kind, "/", elem, ", got ", data_in.scalar_type());
-  TORCH_CHECK(scale_in.scalar_type() == scale_dtype(k_id), "scale: expected ", scale_dtype(k_id), " for ", kind,
-              ", got ", scale_in.scalar_type());
+              data_dtype(e_id), " codes for ", kKindNames[k_id], "/", kElemNames[e_id], ", got ",
+              data_in.scalar_type());
+  TORCH_CHECK(scale_in.scalar_type() == scale_dtype(k_id), "scale: expected ", scale_dtype(k_id), " for ",
+              kKindNames[k_id], ", got ", scale_in.scalar_type());
   TORCH_CHECK(global_scale.scalar_type() == at::kFloat && global_scale.numel() == 1,
               "global_scale: expected one float32 value, got ", global_scale.scalar_type(), " with ",
               global_scale.numel(), " elements");
@@ -295,29 +250,16 @@ at::Tensor dequantize(const at::Tensor& data_in, const at::Tensor& scale_in, con
   return result;
 }
 
-// Saturating cast of x (fp32 / bf16 / fp16, any shape) to "bfloat16" | "float16" |
-// "float8_e4m3fn" | "float8_e5m2"; stochastic bits r(seed, flat index).
-at::Tensor cast(const at::Tensor& x_in, const std::string& dtype, const std::string& rounding, int64_t seed) {
+// Saturating cast of x (fp32 / bf16 / fp16, any shape) to the element elem (E4M3, E5M2, BF16,
+// FP16); stochastic bits r(seed, flat index).
+at::Tensor cast(const at::Tensor& x_in, int64_t elem_code, int64_t rounding, int64_t seed) {
   check_cuda(x_in, "x");
   const int in = input_type(x_in, "x");
-  const bool stochastic = is_stochastic(rounding);
-  at::ScalarType out_type;
-  int elem;
-  if (dtype == "bfloat16") {
-    out_type = at::kBFloat16;
-    elem = kElemBF16;
-  } else if (dtype == "float16") {
-    out_type = at::kHalf;
-    elem = kElemFP16;
-  } else if (dtype == "float8_e4m3fn") {
-    out_type = at::kFloat8_e4m3fn;
-    elem = kElemE4M3;
-  } else {
-    TORCH_CHECK(dtype == "float8_e5m2", "dtype: expected 'bfloat16', 'float16', 'float8_e4m3fn' or 'float8_e5m2', got '",
-                dtype, "'");
-    out_type = at::kFloat8_e5m2;
-    elem = kElemE5M2;
-  }
+  const ElemId elem = check_cast_elem(elem_code);
+  const bool stochastic = check_rounding(rounding);
+  const at::ScalarType out_type = elem == kE4M3 ? at::kFloat8_e4m3fn
+                                  : elem == kE5M2 ? at::kFloat8_e5m2
+                                  : elem == kBF16 ? at::kBFloat16 : at::kHalf;
   const c10::cuda::CUDAGuard guard(x_in.device());
   at::Tensor out = at::empty(x_in.sizes(), x_in.options().dtype(out_type));
   if (x_in.numel() == 0) return out;
@@ -338,9 +280,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &lowbit::cuda::dequantize, "decode quantized [R, K] data", py::arg("data"), py::arg("scale"),
         py::arg("global_scale"), py::arg("kind"), py::arg("elem"), py::arg("br"), py::arg("bk"), py::arg("K"),
         py::arg("out_dtype"));
-  m.def("cast", &lowbit::cuda::cast, "saturating cast to bf16 / fp16 / fp8", py::arg("x"), py::arg("dtype"),
+  m.def("cast", &lowbit::cuda::cast, "saturating cast to bf16 / fp16 / fp8", py::arg("x"), py::arg("elem"),
         py::arg("rounding"), py::arg("seed"));
-  m.def("hadamard", &lowbit::cuda::hadamard, "random Hadamard transform along the last dim (seed < 0: no signs)",
+  m.def("hadamard", &lowbit::cuda::hadamard, "random Hadamard transform along the last dim (seed None: no signs)",
         py::arg("x"), py::arg("block"), py::arg("seed"), py::arg("inverse"));
+  m.def("codes", &lowbit::codes_table, "the enum codes the ops take: {argument: {name: code}}");
   for (auto fn : lowbit::binding_registry<lowbit::CudaExt>()) fn(m);  // bindings that other kernel files registered
 }

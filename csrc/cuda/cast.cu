@@ -85,9 +85,9 @@ void dispatch_in(int in, const void* x, int64_t n, bool stochastic, uint64_t see
 cudaError_t launch_cast(int in, int elem, bool stochastic, const void* x, int64_t n, uint64_t seed, void* y,
                         cudaStream_t stream) {
   switch (elem) {
-    case kElemBF16: dispatch_in<BF16>(in, x, n, stochastic, seed, y, stream); break;
-    case kElemFP16: dispatch_in<FP16>(in, x, n, stochastic, seed, y, stream); break;
-    case kElemE4M3: dispatch_in<E4M3>(in, x, n, stochastic, seed, y, stream); break;
+    case kBF16: dispatch_in<BF16>(in, x, n, stochastic, seed, y, stream); break;
+    case kFP16: dispatch_in<FP16>(in, x, n, stochastic, seed, y, stream); break;
+    case kE4M3: dispatch_in<E4M3>(in, x, n, stochastic, seed, y, stream); break;
     default: dispatch_in<E5M2>(in, x, n, stochastic, seed, y, stream); break;
   }
   return launch_status();

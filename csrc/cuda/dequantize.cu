@@ -122,15 +122,15 @@ void dispatch_out(const DequantizeLaunch& a, cudaStream_t stream) {
 
 cudaError_t launch_dequantize(const DequantizeLaunch& a, cudaStream_t stream) {
   if (a.kind == kKindFP8) {
-    if (a.elem == kElemE4M3) {
+    if (a.elem == kE4M3) {
       dispatch_out<E4M3, kFP8>(a, stream);
     } else {
       dispatch_out<E5M2, kFP8>(a, stream);
     }
   } else if (a.kind == kKindMX) {
-    if (a.elem == kElemE4M3) {
+    if (a.elem == kE4M3) {
       dispatch_out<E4M3, kMX>(a, stream);
-    } else if (a.elem == kElemE5M2) {
+    } else if (a.elem == kE5M2) {
       dispatch_out<E5M2, kMX>(a, stream);
     } else {
       dispatch_out<E2M1, kMX>(a, stream);

@@ -7,13 +7,13 @@
 
 #include <cuda_runtime_api.h>
 
+#include <lowbit/enums.h>
+
 namespace lowbit {
 namespace cuda {
 
+// Kind, ElemId, ScaleMode and OutDtype codes: lowbit/enums.h.
 enum InType : int { kInF32 = 0, kInBF16 = 1, kInF16 = 2 };  // input element storage
-enum OutType : int { kOutF32 = 0, kOutBF16 = 1, kOutF16 = 2 };
-enum Kind : int { kKindFP8 = 0, kKindMX = 1, kKindNVFP4 = 2 };
-enum Elem : int { kElemE4M3 = 0, kElemE5M2 = 1, kElemE2M1 = 2, kElemBF16 = 3, kElemFP16 = 4 };
 
 // Random Hadamard transform of nblocks consecutive blocks of B values (B = 16 .. 32768) into fp32.
 // sign_words: B / 32 (at least 1) words of scratch when with_signs.
@@ -34,7 +34,7 @@ cudaError_t launch_nvfp4_global_scale(const float* given, const uint32_t* reduce
 struct QuantizeLaunch {
   int in;       // InType of x
   int kind;     // Kind
-  int elem;     // Elem (E4M3, E5M2, E2M1)
+  int elem;     // ElemId (E4M3, E5M2, E2M1)
   bool stochastic;
   bool row_block;  // br == 1, bk = 8 * G, G a power of two <= 32: the fused kernel (amax_bits unused)
   int V;           // elements per vector in the tile kernel (divides bk; 8 for MX / NVFP4)

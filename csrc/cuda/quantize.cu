@@ -307,15 +307,15 @@ cudaError_t launch_nvfp4_global_scale(const float* given, const uint32_t* reduce
 
 cudaError_t launch_quantize(const QuantizeLaunch& a, cudaStream_t stream) {
   if (a.kind == kKindFP8) {
-    if (a.elem == kElemE4M3) {
+    if (a.elem == kE4M3) {
       quant_round<E4M3, kFP8>(a, stream);
     } else {
       quant_round<E5M2, kFP8>(a, stream);
     }
   } else if (a.kind == kKindMX) {
-    if (a.elem == kElemE4M3) {
+    if (a.elem == kE4M3) {
       quant_round<E4M3, kMX>(a, stream);
-    } else if (a.elem == kElemE5M2) {
+    } else if (a.elem == kE5M2) {
       quant_round<E5M2, kMX>(a, stream);
     } else {
       quant_round<E2M1, kMX>(a, stream);

@@ -4,6 +4,7 @@ Every comparison is on raw bytes: codes, scales and global scales must be identi
 no single bit pattern in fp32 results (hadamard, dequantize), so there both sides must hold
 NaN at the same places and equal bits everywhere else.
 """
+import importlib
 import itertools
 import math
 
@@ -12,6 +13,7 @@ import torch
 
 import lowbit
 from lowbit import backends
+from lowbit.backends import codes
 from lowbit.formats import FORMATS
 
 reason = backends.why_unavailable("cpu", "quantize", "cpu")
@@ -290,37 +292,169 @@ def test_results_do_not_depend_on_thread_count():
         assert_same_bits(a, b, f"output {i}")
 
 
+# ----------------------------------------------------------------------------------- the raw extension
+KIND, ELEM, ROUND, MODE, OUT = codes.KIND, codes.ELEM, codes.ROUNDING, codes.SCALE_MODE, codes.OUT_DTYPE
+
+
+def raw_quantize(x, kind="fp8", elem="e4m3", br=1, bk=64, rounding="nearest", seed=0, scale_mode="exact",
+                 global_amax=None, hadamard_block=0, inner=1):
+    """_C.quantize with names turned into codes; an int passes as it is (out-of-range codes)."""
+    def c(table, v):
+        return v if isinstance(v, int) else table[v]
+    return _C.quantize(x, c(KIND, kind), c(ELEM, elem), br, bk, c(ROUND, rounding), seed, c(MODE, scale_mode),
+                       global_amax, hadamard_block, inner)
+
+
+def test_codes_match_the_extension():
+    """lowbit/backends/codes.py and csrc/include/lowbit/enums.h hold the same codes."""
+    assert _C.codes() == codes.TABLES
+
+
 def test_outputs_are_fresh_tensors():
     x = varied((16, 64), seed=0)
-    y = _C.hadamard(x, 64, -1, False)
+    y = _C.hadamard(x, 64, None, False)
     assert y.data_ptr() != x.data_ptr()
-    q = _C.quantize(x, "fp8", "e4m3", 16, 64, False, 0, "exact", None, 0, 1)
+    q = raw_quantize(x, br=16)
     ptrs = {t.data_ptr() for t in q} | {x.data_ptr()}
     assert len(ptrs) == 4
 
 
 @pytest.mark.parametrize("call", [
-    lambda x: _C.quantize(x, "fp8", "e4m3", 3, 64, False, 0, "exact", None, 0, 1),  # block does not tile
-    lambda x: _C.quantize(x, "fp8", "e4m3", 0, 64, False, 0, "exact", None, 0, 1),
-    lambda x: _C.quantize(x, "fp9", "e4m3", 1, 64, False, 0, "exact", None, 0, 1),
-    lambda x: _C.quantize(x, "mx", "bf16", 1, 32, False, 0, "floor", None, 0, 1),
-    lambda x: _C.quantize(x, "nvfp4", "e2m1", 1, 16, False, 0, "floor", None, 0, 1),
-    lambda x: _C.quantize(x, "mx", "e2m1", 1, 32, False, -1, "floor", None, 0, 1),
-    lambda x: _C.quantize(x, "mx", "e2m1", 1, 32, False, 0, "floor", None, 24, 1),
-    lambda x: _C.quantize(x, "mx", "e2m1", 1, 32, False, 0, "floor", None, 0, 5),
-    lambda x: _C.quantize(x, "fp8", "e4m3", 1, 64, False, 0, "exact", torch.ones(()), 0, 1),
-    lambda x: _C.quantize(x.double(), "fp8", "e4m3", 1, 64, False, 0, "exact", None, 0, 1),
-    lambda x: _C.quantize(x[0], "fp8", "e4m3", 1, 64, False, 0, "exact", None, 0, 1),
-    lambda x: _C.dequantize(torch.zeros(16, 64, dtype=torch.uint8), torch.zeros(16, 2), torch.ones(()), "mx", "e4m3", 1, 32, 64),
-    lambda x: _C.dequantize(torch.zeros(16, 32, dtype=torch.uint8), torch.zeros(16, 1, dtype=torch.uint8), torch.ones(()), "mx", "e2m1", 1, 32, 32),
-    lambda x: _C.cast(x.half(), "bf16", False, 0),
-    lambda x: _C.cast(x, "e2m1", False, 0),
-    lambda x: _C.hadamard(x, 48, -1, False),
-    lambda x: _C.hadamard(x, 128, -1, False),
+    lambda x: raw_quantize(x, br=3),  # block does not tile
+    lambda x: raw_quantize(x, br=0),
+    lambda x: raw_quantize(x, kind=3),
+    lambda x: raw_quantize(x, kind=-1),
+    lambda x: raw_quantize(x, elem=5),
+    lambda x: raw_quantize(x, rounding=2),
+    lambda x: raw_quantize(x, scale_mode=3),
+    lambda x: raw_quantize(x, "mx", "bf16", bk=32, scale_mode="floor"),
+    lambda x: raw_quantize(x, "fp8", "e2m1"),
+    lambda x: raw_quantize(x, "nvfp4", "e2m1", bk=16, scale_mode="floor"),
+    lambda x: raw_quantize(x, "mx", "e2m1", bk=32, scale_mode="exact"),
+    lambda x: raw_quantize(x, "mx", "e2m1", bk=32, scale_mode="floor", hadamard_block=24),
+    lambda x: raw_quantize(x, "mx", "e2m1", bk=32, scale_mode="floor", inner=5),
+    lambda x: raw_quantize(x, global_amax=torch.ones(())),
+    lambda x: raw_quantize(x, "nvfp4", "e2m1", bk=16, global_amax=torch.ones((), dtype=torch.float64)),
+    lambda x: raw_quantize(x, "nvfp4", "e2m1", bk=16, global_amax=torch.ones(2)),
+    lambda x: raw_quantize(x.double()),
+    lambda x: raw_quantize(x[0]),
+    lambda x: _C.dequantize(torch.zeros(16, 64, dtype=torch.uint8), torch.zeros(16, 2), torch.ones(()), KIND["mx"],
+                            ELEM["e4m3"], 1, 32, 64, OUT["float32"]),
+    lambda x: _C.dequantize(torch.zeros(16, 32, dtype=torch.uint8), torch.zeros(16, 1, dtype=torch.uint8),
+                            torch.ones(()), KIND["mx"], ELEM["e2m1"], 1, 32, 32, OUT["float32"]),
+    lambda x: _C.dequantize(torch.zeros(16, 64, dtype=torch.uint8), torch.zeros(16, 2, dtype=torch.uint8),
+                            torch.ones(()), KIND["mx"], ELEM["e4m3"], 1, 32, 64, 3),
+    lambda x: _C.cast(x.half(), ELEM["bf16"], ROUND["nearest"], 0),
+    lambda x: _C.cast(x, ELEM["e2m1"], ROUND["nearest"], 0),
+    lambda x: _C.cast(x, 7, ROUND["nearest"], 0),
+    lambda x: _C.cast(x, ELEM["bf16"], -1, 0),
+    lambda x: _C.hadamard(x, 48, None, False),
+    lambda x: _C.hadamard(x, 128, None, False),
 ])
 def test_bad_arguments_raise(call):
     with pytest.raises((RuntimeError, ValueError, TypeError)):
         call(varied((16, 64), seed=0))
+
+
+@pytest.mark.parametrize("arg,call", [
+    ("kind", lambda x: raw_quantize(x, kind=3)),
+    ("elem", lambda x: raw_quantize(x, elem=-2)),
+    ("rounding", lambda x: raw_quantize(x, rounding=9)),
+    ("scale_mode", lambda x: raw_quantize(x, "mx", "e4m3", bk=32, scale_mode="exact")),
+    ("out_dtype", lambda x: _C.dequantize(torch.zeros(16, 64, dtype=torch.uint8), torch.ones(16, 1),
+                                          torch.ones(()), KIND["fp8"], ELEM["e4m3"], 1, 64, 64, 3)),
+])
+def test_bad_codes_name_the_argument(arg, call):
+    with pytest.raises(RuntimeError, match=rf"^{arg}: "):
+        call(varied((16, 64), seed=0))
+
+
+def test_bad_names_raise_in_the_wrapper():
+    from lowbit.backends import cpu
+
+    x = varied((16, 64), seed=0)
+    with pytest.raises(RuntimeError, match="rounding"):  # also a ValueError (codes.CodeError)
+        cpu.quantize(x, FORMATS["nvfp4"], (1, 16), "up", 0, "exact", None, 0, 1)
+    with pytest.raises(ValueError, match="scale_mode"):
+        cpu.quantize(x, FORMATS["mxfp8"], (1, 32), "nearest", 0, "ceil", None, 0, 1)
+    with pytest.raises(TypeError, match="dtype"):
+        cpu.cast(x, torch.float64, "nearest", 0)
+
+
+def test_seed_above_63_bits_matches_ref():
+    """The key's 64 bits reach the kernels (as a negative int64) and give the spec's bits."""
+    from lowbit.backends import cpu, ref
+
+    x = varied((16, 64), seed=4)
+    for seed in (2**63 + 5, 2**64 - 1):
+        for fmt, block, hb in (("nvfp4", (1, 16), 16), ("mxfp4", (1, 32), 0), ("fp8_e4m3", (16, 64), 32)):
+            args = (FORMATS[fmt], block, "stochastic", seed, "exact" if fmt != "mxfp4" else "floor", None, hb, 1)
+            for ours, spec in zip(cpu.quantize(x, *args), ref.quantize(x, *args)):
+                assert_same_bits(ours, spec, f"{fmt} seed {seed:#x}")
+        for dtype in CAST_DTYPES:
+            assert_same_bits(cpu.cast(x, dtype, "stochastic", seed), ref.cast(x, dtype, "stochastic", seed), "cast")
+        assert_same_values(cpu.hadamard(x, 32, seed, False), ref.hadamard(x, 32, seed, False), "hadamard")
+
+
+class _Called(Exception):
+    pass
+
+
+class _Recorder:
+    """Stands in for an extension module: stops the call and keeps the op and its arguments."""
+
+    def __getattr__(self, op):
+        def call(*args):
+            raise _Called(op, args)
+        return call
+
+
+def _recorded(fn, *args):
+    with pytest.raises(_Called) as info:
+        fn(*args)
+    return info.value.args
+
+
+def _same_args(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.device == b.device and torch.equal(bits(a), bits(b)))
+    return type(a) is type(b) and a == b
+
+
+def test_cpu_and_cuda_wrappers_call_the_extensions_alike(monkeypatch):
+    """Both backends pass the same argument list to _C.<op> and _C_cuda.<op> (codes.py builds it)."""
+    # the modules, not the functions their packages re-export under the same names
+    cpu_q, cpu_h, cuda_q, cuda_h = (importlib.import_module(f"lowbit.backends.{b}.{m}")
+                                    for b in ("cpu", "cuda") for m in ("quantize", "hadamard"))
+    for module in (cpu_q, cpu_h, cuda_q, cuda_h):
+        monkeypatch.setattr(module, "_C", _Recorder())
+    x = varied((16, 64), seed=1)
+    q = lowbit.quantize(x, "nvfp4", backend="ref")
+    nv, mx4, fp8 = FORMATS["nvfp4"], FORMATS["mxfp4"], FORMATS["fp8_e5m2"]
+    calls = [
+        ("quantize", x, nv, (1, 16), "stochastic", 2**63 + 5, "exact", 3.5, 16, 2),
+        ("quantize", x.bfloat16(), mx4, (1, 32), "nearest", 7, "rceil", None, None, 1),
+        ("quantize", x.half(), fp8, (16, 64), "stochastic", 0, "floor", None, 0, 4),
+        ("dequantize", q.data, q.scale, q.global_scale, nv, (1, 16), 64, torch.bfloat16),
+        ("dequantize", q.data, q.scale, q.global_scale, nv, (1, 16), 64, torch.float64),
+        ("cast", x, torch.float8_e5m2, "stochastic", -3),
+        ("cast", x, torch.float16, "nearest", 2**40),
+        ("hadamard", x, 64, None, False),
+        ("hadamard", x, 64, -1, True),
+        ("hadamard", x, 32, 2**64 - 1, False),
+    ]
+    for op, *args in calls:
+        cpu_fn = getattr(cpu_h if op == "hadamard" else cpu_q, op)
+        cuda_fn = getattr(cuda_h if op == "hadamard" else cuda_q, op)
+        ours, theirs = _recorded(cpu_fn, *args), _recorded(cuda_fn, *args)
+        assert ours[0] == theirs[0] == op
+        assert len(ours[1]) == len(theirs[1]) and all(map(_same_args, ours[1], theirs[1])), (op, ours, theirs)
+    # One list spelled out: the conventions of codes.py (codes, the seed's bits as int64, fp32 amax).
+    _, args = _recorded(cpu_q.quantize, *calls[0][1:])
+    want = (x, KIND["nvfp4"], ELEM["e2m1"], 1, 16, ROUND["stochastic"], 5 - 2**63, MODE["exact"],
+            torch.tensor([3.5]), 16, 2)
+    assert all(map(_same_args, args, want)), args
 
 
 def test_formats_cover_every_registered_format():

@@ -350,6 +350,7 @@ def test_auto_backend_on_cuda_tensors_is_cuda():
 @pytest.mark.cuda
 @needs_cuda
 def test_bad_arguments_raise_instead_of_crashing():
+    from lowbit.backends import codes
     from lowbit.backends import cuda as cb
     from lowbit.formats import MXFP8, NVFP4
 
@@ -361,11 +362,14 @@ def test_bad_arguments_raise_instead_of_crashing():
     with pytest.raises(RuntimeError, match="CUDA tensor"):
         cb.cast(torch.randn(4), torch.bfloat16, "nearest", 0)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
-        cb._C.hadamard(torch.ones(2, 16, dtype=torch.int32, device=DEV), 16, -1, False)
+        cb._C.hadamard(torch.ones(2, 16, dtype=torch.int32, device=DEV), 16, None, False)
     with pytest.raises(RuntimeError, match="power of two"):
         cb.hadamard(x, 24, None, False)
     with pytest.raises(RuntimeError, match="2-D"):
-        cb._C.quantize(torch.randn(2, 2, 32, device=DEV), "mx", "e4m3", 1, 32, "nearest", 0, "floor", None, 0, 1)
+        cb._C.quantize(torch.randn(2, 2, 32, device=DEV), codes.KIND["mx"], codes.ELEM["e4m3"], 1, 32,
+                       codes.ROUNDING["nearest"], 0, codes.SCALE_MODE["floor"], None, 0, 1)
+    with pytest.raises(RuntimeError, match="^rounding: "):  # a code out of range: an error, never a crash
+        cb._C.quantize(x, codes.KIND["mx"], codes.ELEM["e4m3"], 1, 32, 2, 0, codes.SCALE_MODE["floor"], None, 0, 1)
     # A non-contiguous, misaligned input is copied, never read out of bounds.
     big = torch.randn(5, 33, device=DEV)[:, 1:]
     assert_same_bits(cb.cast(big, torch.bfloat16, "nearest", 0), lowbit.cast(big, torch.bfloat16, backend="ref"))

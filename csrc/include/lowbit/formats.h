@@ -7,6 +7,7 @@
 
 #include <stdint.h>
 
+#include "lowbit/enums.h"
 #include "lowbit/rng.h"
 
 #include <string.h>  // memcpy: host-side bit casts (device code uses __float_as_uint)
@@ -77,8 +78,7 @@ LOWBIT_HD int32_t ceil_log2_bits(uint32_t ab) {
 // ------------------------------------------------------------------------------ element types
 // kEmin: exponent of the smallest normal; kMaxCode: largest finite magnitude code;
 // kNanCode: the canonical NaN (FP4 has none: NaN encodes as code 0); kEmax: OCP MX emax_elem.
-enum ElemId : int { kE4M3 = 0, kE5M2 = 1, kE2M1 = 2, kBF16 = 3, kFP16 = 4 };
-
+// kId: the element's code (enums.h).
 struct E4M3 {
   static constexpr ElemId kId = kE4M3;
   static constexpr int kBits = 8, kEbits = 4, kMbits = 3, kBias = 7, kEmin = -6, kEmax = 8;
@@ -235,8 +235,8 @@ LOWBIT_HD uint32_t amax_accumulate(uint32_t acc, float x) { return umax32(acc, f
 LOWBIT_HD float amax_finalize(uint32_t acc) { return bits_f32(acc >= kF32Inf ? kF32CanonicalNaN : acc); }
 
 // ------------------------------------------------------------------------------ scales
-enum ScaleMode : int { kScaleExact = 0, kScaleFloor = 1, kScaleRceil = 2 };
-
+// mode: a ScaleMode (enums.h).
+//
 // FP8 fp32 scale d (x ~ q * d): amax / max, 1 when amax == 0, floored at 2^-126; NaN passes;
 // optionally rounded to a power of two (floor: may saturate, rceil: nothing saturates).
 LOWBIT_HD float fp8_scale(float amax, float max_elem, int mode) {

@@ -1,9 +1,10 @@
-"""quantize / dequantize / cast on the C++ kernels (csrc/cpu/quantize.cpp, cast.cpp)."""
+"""quantize / dequantize / cast on the C++ kernels (csrc/cpu/quantize.cpp, dequantize.cpp, cast.cpp)."""
 from __future__ import annotations
 
 import torch
 
-from ...formats import ELEMENT_OF_DTYPE, Format
+from .. import codes
+from ...formats import Format
 from ._native import _C
 
 
@@ -15,17 +16,14 @@ def native_input(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize(x, fmt: Format, block, rounding, seed, scale_mode, global_amax, hadamard_block, inner):
-    br, bk = block
-    return _C.quantize(native_input(x), fmt.kind, fmt.elem.name, br, bk, rounding == "stochastic", seed,
-                       scale_mode, global_amax, hadamard_block or 0, inner)
+    return _C.quantize(*codes.quantize_args(native_input(x), fmt, block, rounding, seed, scale_mode, global_amax,
+                                            hadamard_block, inner))
 
 
 def dequantize(data, scale, global_scale, fmt: Format, block, K: int, dtype: torch.dtype) -> torch.Tensor:
-    br, bk = block
-    out = _C.dequantize(data, scale, global_scale, fmt.kind, fmt.elem.name, br, bk, K)
-    return out if dtype == torch.float32 else out.to(dtype)
+    out = _C.dequantize(*codes.dequantize_args(data, scale, global_scale, fmt, block, K, dtype))
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 def cast(x: torch.Tensor, dtype: torch.dtype, rounding: str, seed: int) -> torch.Tensor:
-    elem = ELEMENT_OF_DTYPE[dtype]
-    return _C.cast(x.to(torch.float32).contiguous(), elem.name, rounding == "stochastic", seed)
+    return _C.cast(*codes.cast_args(x.to(torch.float32).contiguous(), dtype, rounding, seed))
