@@ -253,16 +253,12 @@ def with_cuda(features: Features, cuda) -> Features:
     return dataclasses.replace(features, cuda=capability_of(cuda))
 
 
-def table(recipes=None, capability=(9, 0), features: Features | None = None, out_dtype=torch.bfloat16):
-    """[(recipe name, gemm, "a-desc", "b-desc", Plan | None)] over `lowbit.nn.recipe.RECIPES` (or `recipes`).
+def table(recipes, capability=(9, 0), features: Features | None = None, out_dtype=torch.bfloat16):
+    """[(recipe name, gemm, "a-desc", "b-desc", Plan | None)] over `recipes` (e.g. lowbit.nn's RECIPES).
 
     Plan is None for a GEMM the recipe keeps in high precision. Recipes are read through
-    `recipe.gemm(name)` -> (a Operand, b Operand), so no import of lowbit.nn is needed here.
+    `recipe.gemm(name)` -> (a Operand, b Operand), so this layer needs no import of lowbit.nn.
     """
-    if recipes is None:
-        from ..nn.recipe import RECIPES  # the application layer asks for the table; imported when it does
-
-        recipes = RECIPES.values()
     rows = []
     for recipe in recipes:
         for gemm in GEMM_ROLES:
