@@ -7,7 +7,8 @@ Each chunk of tokens therefore needs only its own fp32 logits:
 * scalar reductions (``"mean"`` / ``"sum"``): the forward pass computes the loss and, in the same
   sweep, the gradients w.r.t. ``hidden`` (per chunk) and the weight (accumulated in fp32), as in
   Liger-Kernel's fused linear cross-entropy; backward only scales them by the incoming gradient.
-  ``top_p`` / ``bottom_p`` rank all tokens first, which costs one extra logits pass.
+  ``top_fraction`` / ``bottom_fraction`` rank all tokens first, which costs one extra logits pass; the
+  probability thresholds of the paper's keys (``OnlyTopP-<q>``, ...) are decided token by token.
 * per-token outputs (``reduction="none"``, :func:`fused_linear_token_logps`, and the per-sequence
   log-probs that DPO / KLDO need): the forward pass keeps only log p and logsumexp per token; backward
   recomputes each chunk's logits (one extra GEMM) because the incoming gradient is not known earlier.
@@ -119,7 +120,7 @@ class _FusedScalar(torch.autograd.Function):
         need_any = need_h or need_w or need_b
 
         keep_global = None
-        if spec.objective in ("top_p", "bottom_p"):
+        if spec.ranks_tokens:
             logp_all, _ = _logp_pass(h2, w32, b32, safe, chunk)
             keep_global = _keep_mask(logp_all, valid_f, spec)
             del logp_all
@@ -248,17 +249,18 @@ def fused_linear_sequence_logps(hidden: torch.Tensor, lm_head_weight: torch.Tens
 
 def fused_linear_sft_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, *,
                           objective: str = "nll", alpha: Optional[float] = None, tau: Optional[float] = None,
-                          p: Optional[float] = None, ignore_index: int = -100, reduction: str = "mean",
-                          bias: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None) -> torch.Tensor:
+                          fraction: Optional[float] = None, ignore_index: int = -100, reduction: str = "mean",
+                          bias: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None,
+                          p: Optional[float] = None) -> torch.Tensor:
     """``sft_loss(hidden @ lm_head_weight.T + bias, labels, ...)`` without materialising the logits.
 
     ``hidden`` (..., H), ``lm_head_weight`` (V, H), ``labels`` (...) aligned with ``hidden`` (already
     shifted). Logits, log-softmax and gradients are fp32 per chunk of ``chunk_size`` tokens (default:
     see ``_default_chunk``); the gradients returned for
     ``hidden`` / weight / bias have their dtypes. Same objectives, conventions and errors as
-    :func:`lowbit.objectives.sft_loss`.
+    :func:`lowbit.objectives.sft_loss`, including the authors' keys (``"GeneralFamily-8"``, ``"OnlyTopP-0.1"``, ...).
     """
-    spec = _check_objective(objective, alpha, tau, p)
+    spec = _check_objective(objective, alpha, tau, fraction, p)
     _check_reduction(reduction)
     valid = _check_inputs(hidden, lm_head_weight, labels, bias, ignore_index, chunk_size)
     n = valid.numel()

@@ -8,6 +8,9 @@
   Donsker-Varadhan estimator of KL(aligned || unaligned) with the critic r = beta * log(pi / pi_ref):
   L = -E_{D+}[r] + log E_{D-}[exp r], minimised, so -L estimates the divergence. Aligned (D+) and
   unaligned (D-) responses need not be paired (compliance vs refusal data).
+* KTO (Ethayarajh et al., "KTO: Model Alignment as Prospect Theoretic Optimization", eqn 7) and BCO (Jung
+  et al., "Binary Classifier Optimization for Large Language Model Alignment") on the same unpaired
+  aligned / unaligned batches, computed as TRL's ``KTOTrainer`` / ``BCOTrainer`` do.
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ from .sft import _acc, _check_labels
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "js", "alpha")
 
-__all__ = ["DIVERGENCES", "sequence_logps", "dpo_loss", "kldo_loss", "KLDORunningMean"]
+__all__ = ["DIVERGENCES", "sequence_logps", "dpo_loss", "kldo_loss", "KLDORunningMean", "kto_loss",
+           "kto_kl_completions", "bco_loss", "BCORunningMean"]
 
 # exp() arguments are capped here so an extreme policy/reference ratio cannot overflow fp32.
 _EXP_CAP = 50.0
@@ -170,11 +174,7 @@ def kldo_loss(policy_aligned_logps: torch.Tensor, policy_unaligned_logps: torch.
     difference), ``accuracy`` (fraction of (aligned, unaligned) pairs with r+ > r-), ``kl_estimate``
     (-loss, the DV lower bound on KL(aligned || unaligned) in the critic's units).
     """
-    _check_logps(policy_aligned_logps=policy_aligned_logps, ref_aligned_logps=ref_aligned_logps)
-    _check_logps(policy_unaligned_logps=policy_unaligned_logps, ref_unaligned_logps=ref_unaligned_logps)
-    for name, t in (("policy_aligned_logps", policy_aligned_logps), ("policy_unaligned_logps", policy_unaligned_logps)):
-        if t.dim() != 1:
-            raise ValueError(f"{name} must be 1-D (one log-prob per sequence), got shape {tuple(t.shape)}")
+    _check_side_logps(policy_aligned_logps, policy_unaligned_logps, ref_aligned_logps, ref_unaligned_logps)
     beta = _check_beta(beta)
     if running_mean is not None and not isinstance(running_mean, KLDORunningMean):
         raise TypeError(f"running_mean must be a KLDORunningMean or None, got {type(running_mean).__name__}")
@@ -210,4 +210,178 @@ def kldo_loss(policy_aligned_logps: torch.Tensor, policy_unaligned_logps: torch.
         metrics["accuracy"] = below.sum().to(p.dtype) / (p.numel() * n.numel())
     else:
         metrics["accuracy"] = nan
+    return loss, metrics
+
+
+def _check_side_logps(policy_aligned_logps, policy_unaligned_logps, ref_aligned_logps, ref_unaligned_logps) -> None:
+    """The unpaired losses' inputs: 1-D per-sequence log-probs, policy and reference alike per side."""
+    _check_logps(policy_aligned_logps=policy_aligned_logps, ref_aligned_logps=ref_aligned_logps)
+    _check_logps(policy_unaligned_logps=policy_unaligned_logps, ref_unaligned_logps=ref_unaligned_logps)
+    for name, t in (("policy_aligned_logps", policy_aligned_logps), ("policy_unaligned_logps", policy_unaligned_logps)):
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D (one log-prob per sequence), got shape {tuple(t.shape)}")
+
+
+def _check_weight(name: str, val) -> float:
+    if isinstance(val, bool) or not isinstance(val, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(val).__name__}")
+    if not (val >= 0 and math.isfinite(val)):
+        raise ValueError(f"{name} must be a finite number >= 0, got {val}")
+    return float(val)
+
+
+def _side_metrics(r_pos: torch.Tensor, r_neg: torch.Tensor) -> dict:
+    nan = torch.tensor(float("nan"))
+    p, n = r_pos.detach(), r_neg.detach()
+    m = {"aligned_reward": p.mean() if p.numel() else nan, "unaligned_reward": n.mean() if n.numel() else nan}
+    m["margin"] = m["aligned_reward"] - m["unaligned_reward"]
+    return m
+
+
+def _mean_or_zero(losses: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    # TRL's nanmean of an empty batch is NaN; a zero that keeps the graph lets backward() run.
+    return losses.mean() if losses.numel() else anchor.sum() * 0.0
+
+
+def kto_kl_completions(completions: list) -> list:
+    """Completions for KTO's KL pairs: item i gets completion i - 1 (the first gets the last), as TRL pairs
+    prompt x_i with y_{i-1} within each batch. Score (prompt_i, result[i]) under the policy and the reference
+    (no gradient needed) and pass the summed log-probs as ``policy_kl_logps`` / ``ref_kl_logps``."""
+    if len(completions) < 2:
+        raise ValueError(f"completions needs at least 2 items to form mismatched pairs, got {len(completions)}")
+    return [completions[-1]] + list(completions[:-1])
+
+
+def kto_loss(policy_aligned_logps: torch.Tensor, policy_unaligned_logps: torch.Tensor,
+             ref_aligned_logps: torch.Tensor, ref_unaligned_logps: torch.Tensor, *, beta: float = 0.1,
+             kl=None, policy_kl_logps: Optional[torch.Tensor] = None, ref_kl_logps: Optional[torch.Tensor] = None,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """KTO (Ethayarajh et al. 2024, eqn 7) as TRL's ``KTOTrainer`` computes it; returns ``(loss, metrics)``.
+
+    With r = policy - ref log-probs per sequence and the reference point z0, the per-example losses are
+    ``desirable_weight * (1 - sigmoid(beta (r+ - z0)))`` for aligned (desirable) sequences and
+    ``undesirable_weight * (1 - sigmoid(beta (z0 - r-)))`` for unaligned ones; the loss is their plain
+    mean over all examples of both sides (as TRL: weights scale terms, they do not renormalise).
+
+    z0 is a KL estimate, detached and clamped at 0. Give it either as ``kl`` (a number or 0-d tensor, e.g.
+    all-reduced across ranks; ``kl=0`` is the KL-free variant) or as the log-probs of mismatched
+    (prompt, completion) pairs, ``policy_kl_logps`` and ``ref_kl_logps`` (see :func:`kto_kl_completions`),
+    from which z0 = max(0, mean(policy_kl_logps - ref_kl_logps)), TRL's estimate. The matched pairs are
+    never used for z0: their mean log-ratio is the implied reward itself, which would cancel the signal.
+
+    Either side may be empty. ``metrics`` (detached): ``aligned_reward`` / ``unaligned_reward`` (mean
+    beta * r, NaN for an empty side), ``margin`` and ``kl`` (z0).
+    """
+    _check_side_logps(policy_aligned_logps, policy_unaligned_logps, ref_aligned_logps, ref_unaligned_logps)
+    beta = _check_beta(beta)
+    dw = _check_weight("desirable_weight", desirable_weight)
+    uw = _check_weight("undesirable_weight", undesirable_weight)
+    given = policy_kl_logps is not None or ref_kl_logps is not None
+    if kl is not None and given:
+        raise ValueError("give kl or policy_kl_logps / ref_kl_logps, not both")
+    if kl is not None:
+        if isinstance(kl, bool) or not isinstance(kl, (int, float, torch.Tensor)):
+            raise TypeError(f"kl must be a number or a 0-d tensor, got {type(kl).__name__}")
+        if isinstance(kl, torch.Tensor) and kl.numel() != 1:
+            raise ValueError(f"kl must hold one value, got shape {tuple(kl.shape)}")
+        z0 = torch.as_tensor(kl, dtype=torch.float64).detach().reshape(())
+        if not torch.isfinite(z0):
+            raise ValueError(f"kl must be finite, got {float(z0)}")
+    elif given:
+        if policy_kl_logps is None or ref_kl_logps is None:
+            raise ValueError("policy_kl_logps and ref_kl_logps must be given together")
+        _check_logps(policy_kl_logps=policy_kl_logps, ref_kl_logps=ref_kl_logps)
+        if policy_kl_logps.dim() != 1 or policy_kl_logps.numel() == 0:
+            raise ValueError(f"policy_kl_logps must be 1-D and non-empty, got shape {tuple(policy_kl_logps.shape)}")
+        z0 = (_acc(policy_kl_logps) - _acc(ref_kl_logps)).mean().detach()
+    else:
+        raise ValueError("kto_loss needs its reference point: pass kl=... (e.g. 0.0 for no KL term) or "
+                         "policy_kl_logps / ref_kl_logps of mismatched pairs (see kto_kl_completions)")
+
+    lr_pos = _acc(policy_aligned_logps) - _acc(ref_aligned_logps)
+    lr_neg = _acc(policy_unaligned_logps) - _acc(ref_unaligned_logps)
+    z0 = z0.clamp(min=0).to(device=lr_pos.device, dtype=lr_pos.dtype)
+    losses = torch.cat((dw * (1 - torch.sigmoid(beta * (lr_pos - z0))), uw * (1 - torch.sigmoid(beta * (z0 - lr_neg)))))
+    loss = _mean_or_zero(losses, torch.cat((lr_pos, lr_neg)))
+    metrics = _side_metrics(beta * lr_pos, beta * lr_neg)
+    metrics["kl"] = z0.detach()
+    return loss, metrics
+
+
+class BCORunningMean:
+    """Running mean of BCO's implicit rewards over every reward seen so far: the reward shift delta.
+
+    The same update as TRL's ``RunningMoments`` (count-weighted, so after k batches delta is the mean of all
+    their rewards); in distributed training update it with the rewards of all ranks so every rank keeps the
+    same delta. ``state_dict`` / ``load_state_dict`` carry it through checkpoints.
+    """
+
+    def __init__(self):
+        self.mean = 0.0
+        self.count = 0
+
+    def update(self, rewards: torch.Tensor) -> float:
+        x = rewards.detach().reshape(-1).double()
+        n = x.numel()
+        if n:
+            self.count += n
+            self.mean += (float(x.mean()) - self.mean) * n / self.count
+        return self.mean
+
+    def reset(self) -> None:
+        self.mean, self.count = 0.0, 0
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.count = float(state["mean"]), int(state["count"])
+
+
+def bco_loss(policy_aligned_logps: torch.Tensor, policy_unaligned_logps: torch.Tensor,
+             ref_aligned_logps: torch.Tensor, ref_unaligned_logps: torch.Tensor, *, beta: float = 0.1,
+             running_mean: Optional[BCORunningMean] = None, update: bool = True,
+             unaligned_weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+    """BCO (Jung et al. 2024, "Binary Classifier Optimization") as TRL's ``BCOTrainer``; ``(loss, metrics)``.
+
+    The implicit reward r = beta * (policy - ref) log-probs is the logit of a binary classifier (aligned
+    vs unaligned) shifted by delta: losses ``-log sigmoid(r+ - delta)`` and ``-log sigmoid(-(r- - delta))``,
+    averaged over all examples of both sides. delta is the running mean of all rewards: with a
+    :class:`BCORunningMean` it is first updated with this batch's rewards (unless ``update=False``, e.g. in
+    evaluation) and then read, as TRL does; without one it is this batch's mean reward. delta is a constant
+    for the gradient. ``unaligned_weights`` (1-D, one per unaligned example) scales the unaligned losses,
+    e.g. TRL's underlying-distribution-matching density ratios; it is treated as a constant.
+
+    ``metrics`` (detached): ``aligned_reward`` / ``unaligned_reward`` (mean r, NaN for an empty side),
+    ``margin``, ``delta`` and ``accuracy`` (share of examples on the right side of delta).
+    """
+    _check_side_logps(policy_aligned_logps, policy_unaligned_logps, ref_aligned_logps, ref_unaligned_logps)
+    beta = _check_beta(beta)
+    if running_mean is not None and not isinstance(running_mean, BCORunningMean):
+        raise TypeError(f"running_mean must be a BCORunningMean or None, got {type(running_mean).__name__}")
+    if not isinstance(update, bool):
+        raise TypeError(f"update must be a bool, got {type(update).__name__}")
+    r_pos = beta * (_acc(policy_aligned_logps) - _acc(ref_aligned_logps))
+    r_neg = beta * (_acc(policy_unaligned_logps) - _acc(ref_unaligned_logps))
+    if unaligned_weights is not None:
+        if not isinstance(unaligned_weights, torch.Tensor) or not unaligned_weights.dtype.is_floating_point:
+            raise TypeError("unaligned_weights must be a floating-point torch.Tensor or None")
+        if unaligned_weights.shape != r_neg.shape:
+            raise ValueError(f"unaligned_weights shape {tuple(unaligned_weights.shape)} does not match "
+                             f"policy_unaligned_logps shape {tuple(r_neg.shape)}")
+    rewards = torch.cat((r_pos, r_neg)).detach()
+    if running_mean is not None:
+        if update:
+            running_mean.update(rewards)
+        delta = torch.tensor(running_mean.mean, dtype=r_pos.dtype, device=r_pos.device)
+    else:
+        delta = rewards.mean() if rewards.numel() else rewards.new_zeros(())
+    neg = -F.logsigmoid(-(r_neg - delta))
+    if unaligned_weights is not None:
+        neg = unaligned_weights.detach().to(neg.dtype) * neg
+    loss = _mean_or_zero(torch.cat((-F.logsigmoid(r_pos - delta), neg)), torch.cat((r_pos, r_neg)))
+    metrics = _side_metrics(r_pos, r_neg)
+    metrics["delta"] = delta.detach()
+    right = (r_pos.detach() > delta).sum() + (r_neg.detach() < delta).sum()
+    metrics["accuracy"] = right.to(r_pos.dtype) / rewards.numel() if rewards.numel() else torch.tensor(float("nan"))
     return loss, metrics

@@ -1,81 +1,40 @@
-"""Probability-based SFT objectives ("Beyond Log Likelihood", Li et al. 2025).
+"""Probability-based SFT objectives ("Beyond Log Likelihood", Li et al. 2025, arXiv:2510.00526).
 
-Every objective is a function of the target-token probability p = softmax(z)[y], taken from an fp32
-log-softmax, applied to the tokens that the objective keeps:
+Every objective is a per-token function of the target-token probability p = softmax(z)[y], taken from an
+fp32 log-softmax, applied to the tokens that the objective keeps. The objectives, their names (lowbit's
+and the authors' keys, accepted verbatim) and the paper name of each are tabled in
+:mod:`lowbit.objectives.family`; :func:`lowbit.objectives.auto_objective` picks one from the base model's prior.
 
-=============  =============================  ===============================================
-objective      per-token loss                 tokens kept (besides ``labels != ignore_index``)
-=============  =============================  ===============================================
-``nll``        -log p                         all
-``neg_p``      1 - p   (the paper's -p)       all
-``f_alpha``    (1 - p^alpha) / alpha          all    (alpha -> 0: -log p; alpha = 1: 1 - p)
-``threshold``  -log p                         p >= tau            (tau defaults to 0.2)
-``top_p``      -log p                         the ceil(p * n) tokens of highest p
-``bottom_p``   -log p                         the ceil(p * n) tokens of lowest p
-=============  =============================  ===============================================
-
-Reduction ``"mean"`` divides the summed loss by the number of tokens the objective keeps, which is
-what the authors' trainer does (``sum(loss * mask) / sum(mask)`` with the threshold folded into
-``mask``). ``n`` above is the number of non-ignored tokens in the call, so ``top_p`` / ``bottom_p``
-rank tokens across the whole batch. The masks of ``threshold`` / ``top_p`` / ``bottom_p`` are
-treated as constants by the gradient, as in the authors' code.
+Reduction ``"mean"`` divides the summed loss by the number of tokens the objective keeps, as the authors'
+trainer does; thresholds and fractions select tokens without contributing a gradient of their own.
 """
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 
-OBJECTIVES = ("nll", "neg_p", "f_alpha", "threshold", "top_p", "bottom_p")
+from .family import OBJECTIVES, ObjectiveSpec, _parse_name, parse_objective
+
 REDUCTIONS = ("mean", "sum", "none")
-DEFAULT_TAU = 0.2
 
-__all__ = ["OBJECTIVES", "sft_loss", "prior_strength", "PriorStrength"]
-
-
-@dataclass(frozen=True)
-class _Spec:
-    objective: str
-    alpha: Optional[float]
-    tau: Optional[float]
-    p: Optional[float]
+__all__ = ["OBJECTIVES", "sft_loss"]
 
 
-def _check_objective(objective: Any, alpha: Any, tau: Any, p: Any) -> _Spec:
-    """Validate the objective and its hyper-parameters; raise naming the offending argument."""
-    if not isinstance(objective, str):
-        raise TypeError(f"objective must be a str, one of {', '.join(OBJECTIVES)}; got {type(objective).__name__}")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; known objectives: {', '.join(OBJECTIVES)}")
-    for name, val in (("alpha", alpha), ("tau", tau), ("p", p)):
-        if val is not None and (isinstance(val, bool) or not isinstance(val, (int, float))):
-            raise TypeError(f"{name} must be a number, got {type(val).__name__}")
-    if alpha is not None and objective != "f_alpha":
-        raise ValueError(f"alpha is only used by objective='f_alpha', not {objective!r}")
-    if tau is not None and objective != "threshold":
-        raise ValueError(f"tau is only used by objective='threshold', not {objective!r}")
-    if p is not None and objective not in ("top_p", "bottom_p"):
-        raise ValueError(f"p is only used by objective='top_p' or 'bottom_p', not {objective!r}")
-    if objective == "f_alpha":
-        if alpha is None:
-            raise ValueError("objective='f_alpha' needs alpha > 0 (alpha -> 0 is nll, alpha = 1 is neg_p)")
-        if not alpha > 0 or not math.isfinite(alpha):
-            raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
-        alpha = float(alpha)
-    if objective == "threshold":
-        tau = DEFAULT_TAU if tau is None else float(tau)
-        if not 0.0 < tau < 1.0:
-            raise ValueError(f"tau must lie in the open interval (0, 1), got {tau}")
-    if objective in ("top_p", "bottom_p"):
-        if p is None:
-            raise ValueError(f"objective={objective!r} needs p in (0, 1], the fraction of tokens to train on")
-        p = float(p)
-        if not 0.0 < p <= 1.0:
-            raise ValueError(f"p must lie in (0, 1], got {p}")
-    return _Spec(objective, alpha, tau, p)
+def _check_objective(objective: Any, alpha: Any, tau: Any, fraction: Any, p: Any = None) -> ObjectiveSpec:
+    """:func:`parse_objective`, plus ``p``: the name ``fraction`` had before the fraction objectives were renamed."""
+    if p is not None:
+        if fraction is not None:
+            raise ValueError("give fraction or p (its former name), not both")
+        if objective not in ("top_fraction", "bottom_fraction"):
+            if isinstance(objective, str):
+                _parse_name(objective)  # a renamed or unknown name is the error to report first
+            raise ValueError(f"p is only accepted as the former name of fraction (objective='top_fraction' or "
+                             f"'bottom_fraction'), not with objective={objective!r}")
+        fraction = p
+    return parse_objective(objective, alpha, tau, fraction)
 
 
 def _check_reduction(reduction: Any) -> None:
@@ -99,19 +58,25 @@ def _check_labels(labels: Any, expect_shape: torch.Size, vocab: int, ignore_inde
     return valid
 
 
-def _keep_mask(logp: torch.Tensor, valid: torch.Tensor, spec: _Spec) -> torch.Tensor:
+def _log_q(q: float) -> float:
+    return float("-inf") if q == 0.0 else math.log(q)
+
+
+def _keep_mask(logp: torch.Tensor, valid: torch.Tensor, spec: ObjectiveSpec) -> torch.Tensor:
     """Tokens that the objective trains on, given fp32 target log-probs ``logp`` (any shape)."""
-    if spec.objective == "threshold":
-        # Compare in log space so the fused and unfused paths agree exactly at the boundary.
-        return valid & (logp >= math.log(spec.tau))
-    if spec.objective in ("top_p", "bottom_p"):
+    # Thresholds compare in log space so the fused and unfused paths, which both hold log p, agree exactly.
+    if spec.keep == "p_ge":
+        return valid & (logp >= _log_q(spec.q))
+    if spec.keep == "p_le":
+        return valid & (logp <= _log_q(spec.q))
+    if spec.ranks_tokens:
         flat_valid = valid.reshape(-1)
         n = int(flat_valid.sum())
         keep = torch.zeros_like(flat_valid)
         if n == 0:
             return keep.view_as(valid)
-        k = min(n, max(1, math.ceil(spec.p * n - 1e-9)))
-        top = spec.objective == "top_p"
+        k = min(n, max(1, math.ceil(spec.fraction * n - 1e-9)))
+        top = spec.keep == "top_fraction"
         fill = float("-inf") if top else float("inf")
         scores = logp.detach().reshape(-1).masked_fill(~flat_valid, fill)
         idx = torch.topk(scores, k, largest=top, sorted=False).indices
@@ -139,20 +104,16 @@ class _PowerLoss(torch.autograd.Function):
         return -torch.exp(ctx.alpha * logp) * grad, None
 
 
-def _token_loss(logp: torch.Tensor, spec: _Spec) -> torch.Tensor:
+def _token_loss(logp: torch.Tensor, spec: ObjectiveSpec) -> torch.Tensor:
     """Per-token loss f(log p), differentiable in ``logp``."""
-    if spec.objective == "neg_p":
-        return _PowerLoss.apply(logp, 1.0)
-    if spec.objective == "f_alpha":
+    if spec.loss == "power":
         return _PowerLoss.apply(logp, spec.alpha)
     return -logp
 
 
-def _token_dloss(logp: torch.Tensor, spec: _Spec) -> torch.Tensor:
+def _token_dloss(logp: torch.Tensor, spec: ObjectiveSpec) -> torch.Tensor:
     """d f / d log p, the closed form used by the fused path."""
-    if spec.objective == "neg_p":
-        return -torch.exp(logp)
-    if spec.objective == "f_alpha":
+    if spec.loss == "power":
         return -torch.exp(spec.alpha * logp)
     return torch.full_like(logp, -1.0)
 
@@ -181,18 +142,23 @@ def _reduce(per_token: torch.Tensor, keep: torch.Tensor, reduction: str, anchor:
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor, *, objective: str = "nll", alpha: Optional[float] = None,
-             tau: Optional[float] = None, p: Optional[float] = None, ignore_index: int = -100,
-             reduction: str = "mean") -> torch.Tensor:
-    """SFT loss of ``logits`` (..., V) against ``labels`` (...) under one of :data:`OBJECTIVES`.
+             tau: Optional[float] = None, fraction: Optional[float] = None, ignore_index: int = -100,
+             reduction: str = "mean", p: Optional[float] = None) -> torch.Tensor:
+    """SFT loss of ``logits`` (..., V) against ``labels`` (...) under one objective.
+
+    ``objective``: one of :data:`OBJECTIVES` or a key of the authors' code (``"original"``, ``"p"``,
+    ``"GeneralFamily-8"``, ``"OnlyTopP-0.1"``, ...; see :mod:`lowbit.objectives.family`). ``alpha``
+    (``f_alpha``), ``tau`` (``threshold``) and ``fraction`` (``top_fraction`` / ``bottom_fraction``; ``p``
+    is its former name) are the hyper-parameters of lowbit's names.
 
     ``labels`` are aligned with ``logits`` (already shifted, as for ``F.cross_entropy``); prompt and
     padding positions carry ``ignore_index``. Log-probabilities are computed in fp32 whatever the
-    dtype of ``logits``. ``reduction="mean"`` averages over the tokens the objective keeps (see the
-    module docstring), ``"sum"`` sums them, ``"none"`` returns the per-token loss (0 where not kept)
-    with the shape of ``labels``. When nothing is kept the loss is 0 (with a ``RuntimeWarning``),
-    never NaN. The result is fp32 (fp64 for fp64 logits).
+    dtype of ``logits``. ``reduction="mean"`` averages over the tokens the objective keeps, ``"sum"``
+    sums them, ``"none"`` returns the per-token loss (0 where not kept) with the shape of ``labels``.
+    When nothing is kept the loss is 0 (with a ``RuntimeWarning``), never NaN. The result is fp32
+    (fp64 for fp64 logits).
     """
-    spec = _check_objective(objective, alpha, tau, p)
+    spec = _check_objective(objective, alpha, tau, fraction, p)
     _check_reduction(reduction)
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
@@ -206,80 +172,3 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, *, objective: str = "nl
     logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     keep = _keep_mask(logp, valid, spec)
     return _reduce(_token_loss(logp, spec), keep, reduction, logp)
-
-
-@dataclass(frozen=True)
-class PriorStrength:
-    """Result of :func:`prior_strength`."""
-
-    mean_prob: float
-    num_tokens: int
-    regime: str
-    recommended_objective: str
-    explanation: str
-
-    def __str__(self) -> str:
-        return (f"mean target probability {self.mean_prob:.4f} over {self.num_tokens} tokens -> {self.regime} prior; "
-                f"recommended objective: {self.recommended_objective} ({self.explanation})")
-
-
-def _split_batch(batch: Any) -> tuple[Any, torch.Tensor, dict]:
-    if isinstance(batch, dict):
-        if "labels" not in batch:
-            raise ValueError("prior_strength: a dict batch needs a 'labels' entry")
-        labels = batch["labels"]
-        kwargs = {k: v for k, v in batch.items() if k != "labels"}
-        return None, labels, kwargs
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1], {}
-    raise TypeError("prior_strength: batches must be dicts with 'input_ids' and 'labels' or (input_ids, labels) pairs")
-
-
-@torch.no_grad()
-def prior_strength(model: torch.nn.Module, dataloader: Iterable, *, ignore_index: int = -100,
-                   max_batches: Optional[int] = None, strong: float = 0.5, weak: float = 0.2,
-                   shift: bool = True) -> PriorStrength:
-    """Mean predicted probability of the training targets under the (base) ``model``.
-
-    Batches are dicts (``labels`` plus the model's keyword inputs, e.g. ``input_ids``) or
-    ``(input_ids, labels)`` pairs; the model returns logits or an object with ``.logits``. With
-    ``shift=True`` (Hugging Face convention) position t predicts ``labels[t + 1]``.
-
-    The recommendation follows the paper's model-capability continuum: a strong prior (the model
-    already assigns high probability to the targets) favours prior-leaning objectives such as
-    ``neg_p``; a weak prior favours ``nll``; in between no objective dominates and ``nll`` is kept as
-    the safe default. The paper locates tasks on the continuum qualitatively; the cut-points
-    ``strong`` / ``weak`` on the mean probability are lowbit's defaults, exposed so users can set their own.
-    """
-    if not 0.0 <= weak <= strong <= 1.0:
-        raise ValueError(f"need 0 <= weak <= strong <= 1, got weak={weak}, strong={strong}")
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for i, batch in enumerate(dataloader):
-            if max_batches is not None and i >= max_batches:
-                break
-            inputs, labels, kwargs = _split_batch(batch)
-            out = model(inputs, **kwargs) if inputs is not None else model(**kwargs)
-            logits = getattr(out, "logits", out)
-            if shift:
-                logits, labels = logits[..., :-1, :], labels[..., 1:]
-            labels = labels.to(logits.device)
-            valid = _check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index, "logits.shape[:-1]")
-            safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
-            logp = torch.log_softmax(_acc(logits), -1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-            total += float(logp.exp()[valid].sum(dtype=torch.float64))
-            count += int(valid.sum())
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise ValueError("prior_strength: the dataloader produced no target tokens (all labels ignored)")
-    mean = total / count
-    if mean >= strong:
-        regime, obj, why = "strong", "neg_p", "prior-leaning objectives beat NLL near the model-strong end"
-    elif mean <= weak:
-        regime, obj, why = "weak", "nll", "NLL dominates near the model-weak end"
-    else:
-        regime, obj, why = "intermediate", "nll", "no objective dominates in between; NLL is the safe default, try neg_p too"
-    return PriorStrength(mean, count, regime, obj, why)

@@ -10,8 +10,14 @@ CASES = [
     ("neg_p", {}),
     ("f_alpha", {"alpha": 0.5}),
     ("threshold", {"tau": 0.01}),
-    ("top_p", {"p": 0.3}),
-    ("bottom_p", {"p": 0.3}),
+    ("top_fraction", {"fraction": 0.3}),
+    ("bottom_fraction", {"fraction": 0.3}),
+    # The authors' keys: thresholds on p are decided per chunk, the family carries alpha in its name.
+    ("OnlyTopP-0.01", {}),
+    ("OnlyBottomP-0.05", {}),
+    ("OnlyTopLogP-0.01", {}),
+    ("OnlyBottomLogP-0.05", {}),
+    ("GeneralFamily-4", {}),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -170,7 +176,8 @@ def test_tracker_counts_real_allocations():
     assert _peak(f) == 8 << 20
 
 
-@pytest.mark.parametrize("objective,kw", [("nll", {}), ("top_p", {"p": 0.5})], ids=["nll", "top_p"])
+@pytest.mark.parametrize("objective,kw", [("nll", {}), ("top_fraction", {"fraction": 0.5})],
+                         ids=["nll", "top_fraction"])
 def test_fused_peak_memory_below_quarter_of_unfused(objective, kw):
     # Vocab 32k, 4k tokens: the unfused step holds full fp32 logits, log-softmax and their gradient.
     n_tok, hidden, vocab = 4096, 64, 32000

@@ -1,4 +1,7 @@
-"""sft_loss against an independent fp64 implementation, closed-form gradients, limits, masking, errors."""
+"""sft_loss against an independent fp64 implementation, closed-form gradients, limits, masking, errors.
+
+The authors' keys ("OnlyTopP-0.1", ...) are checked against a transcription of their trainer in
+test_paper_keys.py."""
 import math
 import warnings
 
@@ -6,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lowbit.objectives import OBJECTIVES, prior_strength, sft_loss
+from lowbit.objectives import OBJECTIVES, auto_objective, is_objective, prior_strength, sft_loss
 
 CASES = [
     ("nll", {}),
@@ -15,8 +18,8 @@ CASES = [
     ("f_alpha", {"alpha": 10.0}),
     ("threshold", {}),
     ("threshold", {"tau": 0.05}),
-    ("top_p", {"p": 0.3}),
-    ("bottom_p", {"p": 0.25}),
+    ("top_fraction", {"fraction": 0.3}),
+    ("bottom_fraction", {"fraction": 0.25}),
 ]
 IDS = [f"{o}-{'-'.join(f'{k}{v}' for k, v in kw.items())}" for o, kw in CASES]
 
@@ -31,7 +34,7 @@ def make(n_tok=40, vocab=11, scale=3.0, seed=0, masked=8, dtype=torch.float64, c
     return logits, labels
 
 
-def naive_mean(logits, labels, objective, alpha=None, tau=None, p=None):
+def naive_mean(logits, labels, objective, alpha=None, tau=None, fraction=None):
     """Independent fp64 spec written from the paper's formulas with numpy (no shared code)."""
     z = logits.detach().double().numpy()
     y = labels.numpy()
@@ -51,8 +54,8 @@ def naive_mean(logits, labels, objective, alpha=None, tau=None, p=None):
         keep = pt >= (0.2 if tau is None else tau)
     else:
         loss = -np.log(pt)
-        k = math.ceil(p * len(idx))
-        order = np.argsort(-pt if objective == "top_p" else pt, kind="stable")
+        k = math.ceil(fraction * len(idx))
+        order = np.argsort(-pt if objective == "top_fraction" else pt, kind="stable")
         keep = np.zeros(len(idx), bool)
         keep[order[:k]] = True
     return loss[keep].sum() / keep.sum(), int(keep.sum())
@@ -170,17 +173,17 @@ def test_threshold_keeps_only_confident_tokens_and_averages_over_them():
         assert sft_loss(probs.log(), labels, objective="threshold", tau=0.6).item() == 0.0
 
 
-@pytest.mark.parametrize("objective", ["top_p", "bottom_p"])
+@pytest.mark.parametrize("objective", ["top_fraction", "bottom_fraction"])
 def test_top_bottom_keep_fraction(objective):
     logits, labels = make(n_tok=103, masked=3, seed=4)
-    per = sft_loss(logits, labels, objective=objective, p=0.1, reduction="none")
-    _, kept = naive_mean(logits, labels, objective, p=0.1)
+    per = sft_loss(logits, labels, objective=objective, fraction=0.1, reduction="none")
+    _, kept = naive_mean(logits, labels, objective, fraction=0.1)
     assert kept == math.ceil(0.1 * 100) == int((per != 0).sum())
     nll = sft_loss(logits, labels, objective="nll", reduction="none")
     kept_nll = nll[per != 0]
     rest = nll[(per == 0) & (labels != -100)]
-    # -log p is decreasing in p: top_p keeps the lowest losses, bottom_p the highest.
-    if objective == "top_p":
+    # -log p is decreasing in p: top_fraction keeps the lowest losses, bottom_fraction the highest.
+    if objective == "top_fraction":
         assert kept_nll.max() <= rest.min()
     else:
         assert kept_nll.min() >= rest.max()
@@ -230,13 +233,36 @@ def test_bad_inputs():
     for tau in (0.0, 1.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="tau"):
             sft_loss(logits, labels, objective="threshold", tau=tau)
-    for p in (0.0, 1.2, None):
-        with pytest.raises(ValueError, match=r"\bp\b"):
-            sft_loss(logits, labels, objective="top_p", p=p)
+    for fraction in (0.0, 1.2, None):
+        with pytest.raises(ValueError, match="fraction"):
+            sft_loss(logits, labels, objective="top_fraction", fraction=fraction)
+    with pytest.raises(ValueError, match="fraction is only used"):
+        sft_loss(logits, labels, objective="threshold", fraction=0.5)
     with pytest.raises(ValueError, match="alpha is only used"):
         sft_loss(logits, labels, objective="nll", alpha=0.5)
     with pytest.raises(ValueError, match="reduction"):
         sft_loss(logits, labels, reduction="avg")
+
+
+@pytest.mark.parametrize("old,new,kind", [("top_p", "top_fraction", "Top"), ("bottom_p", "bottom_fraction", "Bottom")])
+def test_old_fraction_names_raise_with_the_replacements(old, new, kind):
+    logits, labels = make(dtype=torch.float32)
+    with pytest.raises(ValueError) as e:
+        sft_loss(logits, labels, objective=old, p=0.3)
+    msg = str(e.value)
+    assert f"objective={old!r}" in msg and repr(new) in msg and "fraction=" in msg
+    assert f"Only{kind}LogP-<q>" in msg and f"Only{kind}P-<q>" in msg
+
+
+def test_p_is_the_former_name_of_fraction():
+    logits, labels = make()
+    a = sft_loss(logits, labels, objective="bottom_fraction", fraction=0.4)
+    b = sft_loss(logits, labels, objective="bottom_fraction", p=0.4)
+    assert a.item() == b.item()
+    with pytest.raises(ValueError, match="not both"):
+        sft_loss(logits, labels, objective="bottom_fraction", fraction=0.4, p=0.4)
+    with pytest.raises(ValueError, match="p is only accepted"):
+        sft_loss(logits, labels, objective="nll", p=0.4)
 
 
 # ------------------------------------------------------------------------------------------- prior strength
@@ -253,8 +279,9 @@ class FixedProbModel(torch.nn.Module):
         return self.row.expand(*input_ids.shape, -1) + self.dummy
 
 
+# The intermediate case lands at a mean of 0.3292 (see `want`): alpha = (0.3292 - 0.2) / (0.5 - 0.2) = 0.43.
 @pytest.mark.parametrize("p0,regime,objective", [(0.8, "strong", "neg_p"), (0.05, "weak", "nll"),
-                                                 (0.35, "intermediate", "nll")])
+                                                 (0.35, "intermediate", "GeneralFamily-0.43")])
 def test_prior_strength(p0, regime, objective):
     ids = torch.zeros(3, 6, dtype=torch.long)
     labels = ids.clone()
@@ -268,3 +295,31 @@ def test_prior_strength(p0, regime, objective):
     assert res.mean_prob == pytest.approx(want, rel=1e-6)
     assert (res.regime, res.recommended_objective) == (regime, objective)
     assert objective in str(res)
+
+
+@pytest.mark.parametrize("mean,objective,regime", [
+    (0.97, "neg_p", "model-strong"), (0.5, "neg_p", "model-strong"), (0.2, "nll", "model-weak"),
+    (0.0, "nll", "model-weak"), (0.35, "GeneralFamily-0.5", "model-intermediate"),
+    (0.2001, "GeneralFamily-0.01", "model-intermediate"), (0.497, "GeneralFamily-0.99", "model-intermediate"),
+])
+def test_auto_objective_rule(mean, objective, regime):
+    key, reason = auto_objective(mean)
+    assert key == objective and regime in reason
+    assert ("strong=0.5" in reason) or ("weak=0.2" in reason)  # the reason states the cut-point it used
+    assert is_objective(key)
+    logits, labels = make()
+    sft_loss(logits, labels, objective=key)  # a complete objective value: no alpha to pass
+
+
+def test_auto_objective_interpolates_alpha_between_custom_cut_points():
+    alphas = []
+    for mean in (0.15, 0.3, 0.5, 0.7, 0.85):
+        key, _ = auto_objective(mean, strong=0.9, weak=0.1)
+        alphas.append(float(key.split("-", 1)[1]))
+    assert alphas == [0.06, 0.25, 0.5, 0.75, 0.94]
+    with pytest.raises(ValueError, match="weak <= strong"):
+        auto_objective(0.5, strong=0.2, weak=0.4)
+    with pytest.raises(ValueError, match="mean_prob"):
+        auto_objective(1.5)
+    with pytest.raises(TypeError, match="mean_prob"):
+        auto_objective(torch.tensor(0.5))
