@@ -13,9 +13,15 @@ that ran it, on N(0, 1) and heavy-tailed Student-t (df = 3) samples.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+import time
+
 import torch
 
 from . import backends, env
+from .cli import main as cli_main
 from .ops import dequantize, quantize
 
 CASES = [
@@ -63,16 +69,10 @@ DEMO_OVERRIDES = ["quant.recipe=nvfp4", "optim.name=stable_spam", "optim.lr=3e-3
 
 
 def pretrain_demo(extra: list[str]) -> int:
-    import os
-    import time
-
-    from .cli import main as cli_main
-
     config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "pretrain", "tiny.yaml")
     t0 = time.time()
     code = cli_main(["pretrain", "--config", config] + DEMO_OVERRIDES + list(extra))
     if code == 0:
-        import json
         with open(os.path.join(_run_dir(extra), "summary.json")) as f:
             s = json.load(f)
         print(f"\ndemo: {s['parameters'] / 1e6:.1f} M-parameter Llama, recipe {s['recipe']}, optimizer {s['optimizer']}, "
@@ -88,8 +88,6 @@ def _run_dir(extra: list[str]) -> str:
 
 
 def main(argv=None) -> None:
-    import sys
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--table" not in argv:
         sys.exit(pretrain_demo(argv))
@@ -113,7 +111,7 @@ def main(argv=None) -> None:
             print(f"{name:<11} {layout:<19} {rounding:<10} {db:>8.2f} {err:>10.4g}  {used}")
     print("\nSQNR = 10 log10(sum x^2 / sum (x - dequantize(quantize(x)))^2), higher is better. MX scales use the "
           "OCP floor rule,\nso a block whose amax has a large mantissa saturates (the max |err| of MXFP8 above). "
-          "The rules are in lowbit/backends/ref.py.")
+          "The rules are in lowbit/backends/ref/quantize.py.")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ gate.py       AttnGate: pooled Q/K -> block scores
 selection.py  block masks by threshold, top-k or density; static and oracle patterns
 model.py      gates inside a Hugging Face Llama-style model (transformers AttentionInterface)
 distillation.py  self-distillation loop, gate files, apply_seer
-cli.py        `lowbit seer distill | eval`
+
+The commands `lowbit seer distill | eval` are in lowbit/train/seer.py.
 """
 from .distillation import apply_seer, distill, load_gates, save_gates
 from .gate import AttnGate

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..attention import block_sparse_attention, by_density, density
+from ..backends import resolve
 from .suite import Context, Row
 
 DESCRIPTION = "block-sparse attention at 50/20/10 % block density vs dense causal SDPA (seq 4k/8k CPU, 32k GPU)"
@@ -31,9 +33,6 @@ def _setup(ctx: Context):
 
 
 def run(ctx: Context) -> list[Row]:
-    from ..attention import block_sparse_attention, by_density, density
-    from ..backends import resolve
-
     backend = resolve("block_sparse_attention", ctx.device, ctx.backend)  # raises if --backend cannot run it
     seqs, heads, head_dim, dtype = _setup(ctx)
     dev = torch.device(ctx.device)

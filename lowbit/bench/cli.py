@@ -13,8 +13,10 @@ from pathlib import Path
 
 import torch
 
+import lowbit.bench
+from .. import backends
 from . import harness, shapes
-from .suite import Context, run_suite
+from .suite import Context, markdown, run_suite
 
 # The suites lowbit ships, in the order `all` runs them; other modules with `run` are found too.
 KNOWN = ("quantize", "hadamard", "qmatmul", "linear", "optim", "loss", "train", "attention")
@@ -23,9 +25,7 @@ INFRASTRUCTURE = {"cli", "harness", "shapes", "suite", "__main__"}
 
 def discover() -> tuple[dict[str, object], dict[str, str]]:
     """(available suite modules by name, unavailable suite name -> why)."""
-    from lowbit import bench
-
-    present = [m.name for m in pkgutil.iter_modules(bench.__path__) if m.name not in INFRASTRUCTURE]
+    present = [m.name for m in pkgutil.iter_modules(lowbit.bench.__path__) if m.name not in INFRASTRUCTURE]
     names = list(KNOWN) + sorted(n for n in present if n not in KNOWN)
     found, missing = {}, {}
     for name in names:
@@ -66,7 +66,6 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.markdown:
-        from .suite import markdown
         print(markdown(harness.read_csv(args.markdown)))
         return 0
     found, missing = discover()
@@ -82,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     if args.backend is not None:
-        from lowbit import backends
         try:
             backends.check_name(args.backend)
         except ValueError as e:

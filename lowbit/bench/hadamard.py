@@ -13,6 +13,8 @@ import math
 
 import torch
 
+import lowbit
+
 from .harness import NOT_APPLICABLE
 from .suite import Context, Row
 
@@ -41,7 +43,7 @@ def torch_peer(x: torch.Tensor, b: int, signs: torch.Tensor):
 
 def fht_peer(x: torch.Tensor, b: int, signs: torch.Tensor):
     """fast_hadamard_transform.hadamard_transform on the signed blocks, or a status string."""
-    try:
+    try:  # an optional peer, reported "absent" when it does not import
         from fast_hadamard_transform import hadamard_transform
     except Exception:
         return "absent"
@@ -55,8 +57,6 @@ def fht_peer(x: torch.Tensor, b: int, signs: torch.Tensor):
 
 def signs_of(b: int, seed: int, device) -> torch.Tensor:
     """lowbit's +-1 sign vector for `seed`: the transform of the identity's first row times sqrt(b)."""
-    import lowbit
-
     e = torch.eye(b, device=device)
     rows = lowbit.hadamard(e, b, seed=seed) * math.sqrt(b)
     return torch.diagonal(rows @ sylvester(b).to(device)) / b
@@ -68,8 +68,6 @@ def blocks_for(hidden: int) -> list[int]:
 
 
 def run(ctx: Context) -> list[Row]:
-    import lowbit
-
     backend = ctx.backend_for("hadamard")
     rows = []
     for model in ctx.models(default=("llama-8b",), quick=("llama-125m",)):

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import platform
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from torch.utils import benchmark
+
+from ..machine import machine_name, slug  # noqa: F401  (machine_name is re-exported: results folders are named by it)
 
 ABSENT = "absent"  # the peer library is not installed
 NOT_APPLICABLE = "n/a"  # the peer has no such op (or not on this device)
@@ -162,28 +161,6 @@ class Limits:
         return None if name is None else self.values.get(name)
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith(("model name", "hardware", "cpu model")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
-
-
-def machine_name(device: str = "cpu") -> str:
-    """Directory name for results: the GPU model name, or the CPU model name plus the core count."""
-    if device == "cuda" and torch.cuda.is_available():
-        return slug(torch.cuda.get_device_name(0))
-    return f"{slug(_cpu_model())}-{os.cpu_count()}c"
-
-
 def repo_root() -> Path | None:
     """The lowbit source checkout holding `bench/` (current directory first, then this package's)."""
     candidates = [Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parents[2]]
@@ -235,7 +212,7 @@ def read_csv(path: Path) -> list[dict]:
 def bar_chart(path: Path, title: str, labels: list[str], series: dict[str, list[float | None]],
               ylabel: str, hline: float | None = None, log: bool = False) -> str:
     """Horizontal grouped bars, one group per label; returns a note (written, or why not)."""
-    try:
+    try:  # optional and slow to import: the CSV is written without it
         import matplotlib
 
         matplotlib.use("Agg")

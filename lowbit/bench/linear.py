@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..nn import RECIPE_NAMES, LowBitLinear
 from . import harness
 from .harness import NOT_APPLICABLE
 from .shapes import LinearShape
@@ -69,7 +70,7 @@ def step_fn(layer, x: torch.Tensor, dy: torch.Tensor, clear_cache: bool):
 def torchao_layer(recipe: str, ref: torch.nn.Linear):
     if recipe not in TORCHAO_RECIPES:
         return NOT_APPLICABLE
-    try:
+    try:  # an optional peer, reported "absent" when it does not import
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except Exception:
         return harness.ABSENT
@@ -80,8 +81,6 @@ def torchao_layer(recipe: str, ref: torch.nn.Linear):
 
 
 def run(ctx: Context) -> list[Row]:
-    from lowbit.nn import RECIPE_NAMES, LowBitLinear
-
     backend = ctx.backend_for("qmatmul")
     rows = []
     for s in shapes(ctx):

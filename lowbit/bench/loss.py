@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..objectives import TensorMemoryTracker, fused_linear_sft_loss, sft_loss
 from .suite import Context, Row
 
 DESCRIPTION = "LM-head loss forward + backward: fused (no logits) vs materialised logits (vs torch, Liger)"
@@ -27,7 +28,7 @@ MEM_LIMIT_GIB = 12.0
 
 
 def liger_loss():
-    try:
+    try:  # an optional peer, reported "absent" when it does not import
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except Exception:
         return None
@@ -35,8 +36,6 @@ def liger_loss():
 
 
 def make_step(method: str, h, w, y, objective: str, liger=None):
-    from lowbit.objectives import fused_linear_sft_loss, sft_loss
-
     def step():
         h.grad = None
         w.grad = None
@@ -56,8 +55,6 @@ def make_step(method: str, h, w, y, objective: str, liger=None):
 
 def measure(ctx: Context, step, label: str):
     """(timing, peak bytes): the warm-up run doubles as the memory run; then single-call samples."""
-    from lowbit.objectives import TensorMemoryTracker
-
     with TensorMemoryTracker() as tracker:
         step()
     return ctx.time(step, label, warmup=0, min_runs=2, min_time=0.0), tracker.peak

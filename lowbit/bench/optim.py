@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from ..optim import StableSPAM, state_bytes_per_param
 from .suite import Context, Row
 
 DESCRIPTION = "optimizer step on a model's tensors: fused Stable-SPAM vs per-tensor Stable-SPAM, AdamW, bnb 8-bit"
@@ -95,21 +96,17 @@ def make_peer(name: str, params):
     if name == "adamw_fused":
         return torch.optim.AdamW(params, lr=LR, fused=True)
     if name == "bnb_adamw8bit":
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # an optional peer (run only when it imports)
 
         return bnb.optim.AdamW8bit(params, lr=LR)
     raise ValueError(f"peer: unknown {name!r}")
 
 
 def _bytes_per_elem(state_dtype: str) -> float:
-    from lowbit.optim import state_bytes_per_param
-
     return state_bytes_per_param(state_dtype)
 
 
 def run(ctx: Context) -> list[Row]:
-    from lowbit.optim import StableSPAM
-
     rows = []
     timer = dict(warmup=1, min_runs=3, min_time=0.0)
     for model in ctx.models(default=("llama-125m",), quick=("tiny",)):

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+import lowbit
+
 from .harness import NOT_APPLICABLE
 from .suite import Context, Row
 
@@ -45,7 +47,7 @@ def scaled_mm_peer(fmt: str, a: torch.Tensor, b: torch.Tensor):
 
 def torchao_peer(fmt: str, block, a: torch.Tensor, b: torch.Tensor):
     """torch.mm on torchao's MXTensor / NVFP4Tensor operands, or a status string."""
-    try:
+    try:  # an optional peer, reported "absent" when it does not import
         from torchao.prototype.mx_formats.mx_tensor import MXTensor
         from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
     except Exception:
@@ -68,8 +70,6 @@ def torchao_peer(fmt: str, block, a: torch.Tensor, b: torch.Tensor):
 
 
 def run(ctx: Context) -> list[Row]:
-    import lowbit
-
     backend = ctx.backend_for("qmatmul")
     gpu = ctx.device == "cuda"
     default = ("llama-1b", "llama-8b") if gpu else ("llama-125m",)

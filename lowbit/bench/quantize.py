@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+import lowbit
+
 from . import harness
 from .harness import NOT_APPLICABLE
 from .suite import Context, Row
@@ -28,7 +30,7 @@ FP8_DTYPE = {"fp8_e4m3": (torch.float8_e4m3fn, 448.0), "fp8_e5m2": (torch.float8
 
 def torchao_peer(fmt: str, block, rounding: str, hadamard):
     """A factory x -> closure timing torchao's version of this quantize, or a status string."""
-    try:
+    try:  # an optional peer, reported "absent" when it does not import
         from torchao.prototype.mx_formats.mx_tensor import MXTensor
         from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
     except Exception:
@@ -92,8 +94,6 @@ def case_label(fmt, block, rounding, had) -> str:
 
 
 def run(ctx: Context) -> list[Row]:
-    import lowbit
-
     backend = ctx.backend_for("quantize")
     rows = []
     for model in ctx.models(default=("llama-8b",), quick=("llama-125m",)):

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from .. import backends
 from . import harness, shapes
 from .harness import ABSENT, NOT_APPLICABLE, Limits, Timing
 
@@ -98,8 +99,6 @@ class Context:
 
     def backend_for(self, op: str) -> str:
         """The lowbit backend that will serve `op` on this device (resolving --backend or auto)."""
-        from lowbit import backends
-
         return backends.resolve(op, self.device, self.backend)
 
     @staticmethod
@@ -178,7 +177,7 @@ def console_table(suite: str, records: list[dict], peers: list[str], print_fn=pr
             out.append(f"{v:.2f}x" if isinstance(v, float) else harness.fmt_cell(v))
         return out
 
-    try:
+    try:  # optional: a plain table without it
         from rich.console import Console
         from rich.table import Table
     except ImportError:

@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from ..nn import RECIPE_NAMES
+from ..train import dist as D, load, losses, model as model_mod, optim as optim_mod
 from .suite import Context, Row
 
 DESCRIPTION = "training step tokens/s per recipe (tiny, llama-125m) vs the bf16 recipe; ZeRO 1/3 memory on GPU"
@@ -29,54 +31,37 @@ CPU_BATCH = {"tiny": (16, 128), "llama-125m": (1, 256), "llama-1b": (1, 128)}
 
 
 def config(model: str, recipe: str, batch: int, seq: int, zero: int | None):
-    from ..train import load
-
     over = [f"quant.recipe={recipe}", f"train.micro_batch_size={batch}", f"data.seq_len={seq}", "optim.name=adamw",
             "model.dtype=float32" if not torch.cuda.is_available() else "model.dtype=bfloat16"]
-    if zero is not None:
-        over += ["dist.engine=deepspeed", f"dist.zero_stage={zero}"]
+    over += ["dist.engine=torch", "dist.zero_stage=0"] if zero is None else \
+        ["dist.engine=deepspeed", f"dist.zero_stage={zero}"]
     return load([os.path.join(REPO, CONFIGS[model])], over)
 
 
 class Step:
-    """One model + optimizer (+ engine) and a closure that runs a training step."""
+    """One model, optimizer and engine (`lowbit.train.dist`'s step adapter), and a closure that runs
+    a training step as `lowbit.train.run` does."""
 
-    def __init__(self, cfg, device: str, zero: int | None):
-        from ..train import dist as D, model as model_mod, optim as optim_mod
-
-        self.cfg, self.zero, self.env = cfg, zero, None
+    def __init__(self, cfg, device: str):
+        self.cfg = cfg
         model = model_mod.build(cfg, cfg.data.vocab_size, {"eos": 0, "pad": 1, "bos": 0}).to(device)
         self.parameters = model_mod.count_parameters(model)
         opt = optim_mod.build(model.parameters(), cfg)
-        sched = optim_mod.scheduler(opt, cfg)
-        if zero is not None:
-            self.env = D.setup(cfg)
-            model, opt, sched = D.wrap(model, opt, sched, cfg, self.env, cfg.train.micro_batch_size, 1)
-        self.model, self.opt = model, opt
+        self.env = D.setup(cfg.dist.engine, cfg.dist.zero_stage)  # plain PyTorch, or a one-rank DeepSpeed group
+        self.engine = D.engine(model, opt, optim_mod.scheduler(opt, cfg), cfg, self.env, cfg.train.micro_batch_size, 1)
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, cfg.data.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len), generator=g)
         self.batch = {"input_ids": ids.to(device), "labels": ids.to(device)}
         self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def __call__(self):
-        from ..train import losses
-
-        loss, _, _ = losses.token_loss(self.model, self.batch, self.cfg.objective, "nll")
-        if self.zero is not None:
-            self.model.backward(loss)
-            self.model.step()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
+        loss, _, _ = losses.token_loss(self.engine.model, self.batch, self.cfg.objective, "nll")
+        self.engine.backward(loss)
+        self.engine.step(skip=False)
         self.sync()
 
     def close(self):
-        from ..train import dist as D
-
-        if self.env is not None:
-            D.teardown(self.env)
+        D.teardown(self.env)
 
 
 def measure(ctx: Context, model: str, recipe: str, batch: int, seq: int, zero: int | None):
@@ -84,7 +69,7 @@ def measure(ctx: Context, model: str, recipe: str, batch: int, seq: int, zero: i
     if ctx.device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    step = Step(config(model, recipe, batch, seq, zero), ctx.device, zero)
+    step = Step(config(model, recipe, batch, seq, zero), ctx.device)
     try:
         t = ctx.time(step, f"{model} {recipe}", warmup=1, min_runs=2 if ctx.quick else 3, min_time=0.0)
     finally:
@@ -94,8 +79,6 @@ def measure(ctx: Context, model: str, recipe: str, batch: int, seq: int, zero: i
 
 
 def run(ctx: Context) -> list[Row]:
-    from ..nn import RECIPE_NAMES
-
     rows = []
     zeros = [None] + ([1, 3] if ctx.device == "cuda" else [])
     for shape in ctx.models(default=("tiny", "llama-125m"), quick=("tiny",)):

@@ -6,8 +6,11 @@ import dataclasses
 import shlex
 import sys
 
+from ..nn.recipe import RECIPE_NAMES
 from . import arms as A
+from .convergence import report
 from .spikes import SpikePlan
+from .variants import VARIANTS
 
 SMOKE = dict(steps=5, sft_steps=5, baseline_seeds=2, hidden=64, layers=2, heads=2, intermediate=128, seq_len=32,
              batch=4, eval_batches=1, evals=1, sft_examples=32, sft_val_examples=8,
@@ -15,9 +18,6 @@ SMOKE = dict(steps=5, sft_steps=5, baseline_seeds=2, hidden=64, layers=2, heads=
 
 
 def recipe_names() -> list[str]:
-    from lowbit.nn.recipe import RECIPE_NAMES
-
-    from .variants import VARIANTS
     return list(RECIPE_NAMES) + list(VARIANTS)
 
 
@@ -63,8 +63,6 @@ def settings_of(args) -> A.Settings:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_intermixed_args(argv)
-    from .convergence import report
-
     s = settings_of(args)
     work = f"{args.work}/smoke" if args.smoke else args.work
     out = args.out or (f"{work}/report" if args.smoke else "reports/convergence")

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
+from ..machine import machine_name
 from . import arms as A
 from . import noise, plots, runner, sft_tasks
 
@@ -173,7 +175,7 @@ def markdown(s: A.Settings, an: dict, meta: dict, k: float) -> str:
                 L.append(f"| {r['run']} | {r['objective']} | {fmt(r['val_loss'])} | {fmt(r['val_exact_match'], 3)} | "
                          f"{fmt(r['em_gap_vs_nll'], 3)} | {r['em_verdict']} | {pct(r['loss_gap_vs_nll'])} |")
             L.append("")
-        L += ["![SFT loss curves](sft.png)", "", sft_reading(sft, s, k), ""]
+        L += ["![SFT loss curves](sft.png)", "", sft_reading(sft, k), ""]
     L += ["## Reproduce", "", "```", meta["command"], "```", "",
           "Runs are kept in the work folder; rerunning the command reuses finished runs of the same settings.", ""]
     return "\n".join(L)
@@ -216,7 +218,7 @@ def optim_reading(opt: dict) -> str:
     return "Reading: " + " ".join(out)
 
 
-def sft_reading(sft: dict, s: A.Settings, k: float) -> str:
+def sft_reading(sft: dict, k: float) -> str:
     """The crossover call: prob-based objectives beat nll on the strong prior, nll beats them on the weak one."""
     out = []
     calls = {}
@@ -300,11 +302,10 @@ def report(s: A.Settings, arms: tuple[str, ...], work: str, out: str, command: s
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
     params = next((r.summary.get("parameters") for r in res.values() if r.summary.get("parameters")), None)
-    meta = {"command": command, "machine": platform.processor() or platform.machine(),
-            "device": "cuda" if _cuda() else "cpu", "runs": len(specs),
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    meta = {"command": command, "machine": machine_name(device), "device": device, "runs": len(specs),
             "wall_min": sum(r.summary.get("wall_time_s") or 0 for r in res.values()) / 60,
             "elapsed_min": (time.time() - t0) / 60, "parameters": params}
-    meta["machine"] = _machine()
     notes = figures(outp, res, an)
     (outp / "README.md").write_text(markdown(s, an, meta, k))
     with open(outp / "results.json", "w") as f:
@@ -313,14 +314,3 @@ def report(s: A.Settings, arms: tuple[str, ...], work: str, out: str, command: s
     say(f"wrote {outp / 'README.md'}, results.json; " + "; ".join(notes))
     return an
 
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _machine() -> str:
-    from lowbit.bench.harness import machine_name
-
-    return machine_name("cuda" if _cuda() else "cpu")

@@ -5,6 +5,7 @@ from pathlib import Path
 
 
 def _plt():
+    """matplotlib.pyplot on the Agg backend; imported here because matplotlib is optional and slow to import."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -11,6 +11,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
+from ..train import load, run
 from . import sft_tasks, spikes, variants
 from .arms import RunSpec, Settings
 
@@ -52,8 +53,6 @@ def curves(run_dir: str) -> tuple[list, list]:
 
 def config_of(spec: RunSpec, s: Settings, work: str):
     """The lowbit.train Config of a spec (recipe variants become YAML files under <work>/recipes)."""
-    from lowbit.train import load
-
     over = list(s.common()) + [f"run.dir={os.path.join(work, spec.name)}"]
     for o in spec.overrides:
         if o.startswith("quant.recipe="):
@@ -68,8 +67,6 @@ def config_of(spec: RunSpec, s: Settings, work: str):
 
 def task_files(s: Settings, work: str) -> dict[str, tuple[str, str]]:
     """The strong / weak prior SFT tasks, written once per work folder."""
-    from lowbit.train import load
-
     folder = os.path.join(work, "sft-data")
     marker = os.path.join(folder, "tasks.json")
     want = {"examples": s.sft_examples, "val": s.sft_val_examples, "seed": s.seed}
@@ -117,8 +114,6 @@ def execute(spec: RunSpec, s: Settings, work: str, say=print) -> Result:
     if spec.spikes:
         summary = spikes.train(cfg, s.spikes if spec.inject else None)
     else:
-        from lowbit.train import run
-
         summary = run(cfg)
     with open(spec_path, "w") as f:
         json.dump(record, f, indent=2)

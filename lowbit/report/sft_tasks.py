@@ -18,6 +18,12 @@ import json
 import os
 import random
 
+from ..objectives import prior_strength
+from ..train import pretrained
+from ..train.corpus import pretrain_documents
+from ..train.data import collate
+from ..train.sft_data import sft_data, synthetic_pairs
+
 TASKS = ("strong", "weak")
 
 
@@ -47,9 +53,6 @@ def write_jsonl(path: str, pairs: list[tuple[str, str]]) -> str:
 
 def write_tasks(folder: str, data_cfg, n_train: int, n_val: int, seed: int = 0) -> dict[str, tuple[str, str]]:
     """task -> (train JSONL, validation JSONL) under `folder`."""
-    from lowbit.train.corpus import pretrain_documents
-    from lowbit.train.sft_data import synthetic_pairs
-
     train_docs, val_docs, _ = pretrain_documents(data_cfg)
     files = {
         "strong": (corpus_pieces(train_docs, n_train, seed), corpus_pieces(val_docs, n_val, seed + 1)),
@@ -61,12 +64,7 @@ def write_tasks(folder: str, data_cfg, n_train: int, n_val: int, seed: int = 0) 
 
 def prior(sft_cfg, batches: int = 4) -> float:
     """Mean probability of the response tokens of `sft_cfg`'s training data under its model.init_from."""
-    from lowbit.objectives import prior_strength
-    from lowbit.train import pretrained
-    from lowbit.train.data import collate
-    from lowbit.train.sft_data import sft_data
-
-    model, tok = pretrained.load(sft_cfg.model.init_from, sft_cfg)
+    model, tok = pretrained.load(sft_cfg.model.init_from)
     train_set, _, _ = sft_data(sft_cfg, tok)
     bs = sft_cfg.train.micro_batch_size
     loader = [collate([train_set[i] for i in range(j, min(len(train_set), j + bs))])

@@ -1,11 +1,12 @@
 """Pretraining with injected gradient spikes, for the optimizer-stability arm.
 
 `lowbit.train.run` has no hook between backward and the optimizer step, so this module runs the
-same pieces (`lowbit.train` data, model + recipe, optimizer, schedule, loss and evaluation) in a
-plain single-process loop and, at the steps of a `SpikePlan`, multiplies a random fraction of the
-entries of every weight-matrix gradient by a large factor before clipping and the optimizer step,
-the way the SPAM / Stable-SPAM papers describe spikes: rare, sparse, and orders of magnitude above
-the usual gradient. With `plan=None` the loop is the clean control of the same arm.
+same pieces (`lowbit.train` data, model + recipe, optimizer, schedule, the plain-PyTorch step
+adapter, loss and evaluation) in a single-process loop and, at the steps of a `SpikePlan`,
+multiplies a random fraction of the entries of every weight-matrix gradient by a large factor
+before clipping and the optimizer step, the way the SPAM / Stable-SPAM papers describe spikes:
+rare, sparse, and orders of magnitude above the usual gradient. With `plan=None` the loop is the
+clean control of the same arm.
 
 It writes `metrics.jsonl` (train and eval records as `lowbit.train` writes them) and
 `summary.json` to the run directory and returns the summary.
@@ -19,6 +20,9 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from ..train import config as cfgmod, data as data_mod, dist as D, evaluate, losses, model as model_mod
+from ..train import optim as optim_mod, pretrained
 
 
 @dataclass(frozen=True)
@@ -48,16 +52,10 @@ def inject(params: list[torch.nn.Parameter], plan: SpikePlan, step: int) -> int:
 
 def train(cfg, plan: SpikePlan | None) -> dict:
     """Pretrain per `cfg` (a lowbit.train Config, task pretrain) with gradient spikes per `plan`."""
-    from lowbit.train import config as cfgmod
-    from lowbit.train import data as data_mod
-    from lowbit.train import dist as D
-    from lowbit.train import evaluate, losses, model as model_mod, optim as optim_mod, pretrained
-    from lowbit.train.loop import clear_weight_caches
-
     cfgmod.validate(cfg)
     if cfg.task != "pretrain":
         raise ValueError(f"task: the spike loop pretrains, got {cfg.task!r}")
-    env = D.setup(cfg)
+    env = D.setup(cfg.dist.engine, cfg.dist.zero_stage)
     if env.world != 1:
         raise RuntimeError("the spike loop runs in a single process")
     wall0 = time.time()
@@ -65,11 +63,10 @@ def train(cfg, plan: SpikePlan | None) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     tok, train_set, val_set, source = data_mod.pretrain_data(cfg)
     model = model_mod.build(cfg, len(tok), pretrained.special_ids(tok)).to(env.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = optim_mod.build(params, cfg)
-    scheduler = optim_mod.scheduler(optimizer, cfg)
-    order = data_mod.Order(len(train_set), cfg.train.seed)
+    optimizer = optim_mod.build([p for p in model.parameters() if p.requires_grad], cfg)
     mbs = cfg.train.micro_batch_size
+    engine = D.TorchEngine(model, optimizer, optim_mod.scheduler(optimizer, cfg), cfg, env, accum=1)
+    order = data_mod.Order(len(train_set), cfg.train.seed)
     spiked, status, loss_avg, tokens = 0, "completed", None, 0
     last: dict = {}
     with open(os.path.join(run_dir, "metrics.jsonl"), "w") as log:
@@ -81,21 +78,15 @@ def train(cfg, plan: SpikePlan | None) -> dict:
 
         model.train()
         for step in range(cfg.train.steps):
-            idx = data_mod.positions(step, 0, 0, 1, mbs, mbs)
-            batch = {k: v.to(env.device) for k, v in data_mod.collate([train_set[order(k)] for k in idx]).items()}
+            batch = data_mod.load_batch(train_set, order, data_mod.positions(step, 0, 0, 1, mbs, mbs), env.device)
             loss, _, n = losses.token_loss(model, batch, cfg.objective, "nll")
             if not torch.isfinite(loss):
                 status = f"diverged at step {step + 1} (non-finite loss)"
                 break
-            loss.backward()
-            injected = inject(params, plan, step + 1) if plan is not None and plan.at(step + 1) else 0
+            engine.backward(loss)
+            injected = inject(engine.params, plan, step + 1) if plan is not None and plan.at(step + 1) else 0
             spiked += bool(injected)
-            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            clear_weight_caches(model)
+            gnorm, _ = engine.step(skip=False)
             loss_val, tokens = float(loss.detach()), tokens + n
             loss_avg = loss_val if loss_avg is None else 0.9 * loss_avg + 0.1 * loss_val
             log.write(json.dumps({"step": step + 1, "kind": "train", "loss": loss_val, "grad_norm": gnorm,

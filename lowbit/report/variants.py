@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from lowbit.nn.recipe import OPERANDS, RECIPES, Recipe, load_recipe
+import yaml
+
+from ..nn.recipe import OPERANDS, RECIPES, Recipe, load_recipe
 
 
 def without_hadamard(recipe: Recipe, name: str) -> Recipe:
@@ -45,8 +47,6 @@ def write(name: str, folder: str) -> str:
     """The value for `quant.recipe`: the built-in name, or the path of the variant's YAML file."""
     if name in RECIPES:
         return name
-    import yaml
-
     recipe = recipe_of(name)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{name}.yaml")

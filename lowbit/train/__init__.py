@@ -1,4 +1,4 @@
-"""Training: `lowbit pretrain | sft | align | eval` and the programmatic entry `run(config)`.
+"""Training: `lowbit pretrain | sft | align | eval | seer` and the programmatic entry `run(config)`.
 
     from lowbit.train import config, run
     cfg = config.load(["configs/pretrain/tiny.yaml"], ["train.steps=50", "run.dir=runs/a"], task="pretrain")
@@ -7,12 +7,6 @@
 `run` may be called repeatedly in one process; each call writes only to its run directory.
 """
 from .config import Config, ConfigError, load
-
-
-def run(config) -> dict:
-    from .loop import run as _run
-
-    return _run(config)
-
+from .loop import run
 
 __all__ = ["Config", "ConfigError", "load", "run"]

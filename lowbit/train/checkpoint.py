@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from . import dist as D
+from .model import hf_copy
 
 _STEP = re.compile(r"^step_(\d{8})$")
 
@@ -69,22 +70,9 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def model_state(engine_model, env: D.Env, zero_stage: int) -> dict | None:
-    """The full model state_dict on rank 0 (None elsewhere); collective under ZeRO-3."""
-    if env.engine == "deepspeed":
-        if zero_stage == 3:
-            sd = engine_model._zero3_consolidated_16bit_state_dict()
-        else:
-            sd = engine_model.module.state_dict()
-    else:
-        sd = getattr(engine_model, "module", engine_model).state_dict()
-    if not env.main:
-        return None
-    return {k: v.detach().clone().cpu() for k, v in sd.items()}
-
-
-def save(run_dir: str, step: int, *, env: D.Env, cfg, engine_model, optimizer, trainer_state: dict,
-         tokenizer, config_yaml: str, keep: int) -> str:
+def save(run_dir: str, step: int, *, env: D.Env, engine, trainer_state: dict, tokenizer, config_yaml: str,
+         keep: int) -> str:
+    """Write checkpoint `step` of the `dist` step adapter `engine` (collective); returns its folder."""
     root = ckpt_root(run_dir)
     name = f"step_{step:08d}"
     final = os.path.join(root, name)
@@ -94,14 +82,11 @@ def save(run_dir: str, step: int, *, env: D.Env, cfg, engine_model, optimizer, t
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, "rng"))
     D.barrier(env)
-    sd = model_state(engine_model, env, cfg.dist.zero_stage)
-    if env.engine == "deepspeed":
-        engine_model.save_checkpoint(tmp, tag="deepspeed", save_latest=False)
+    sd = engine.model_state()
+    engine.save(tmp)
     torch.save(rng_state(), os.path.join(tmp, "rng", f"rank{env.rank}.pt"))
     if env.main:
         torch.save(sd, os.path.join(tmp, "model.pt"))
-        if env.engine != "deepspeed":
-            torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
             f.write(config_yaml)
         tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
@@ -121,15 +106,11 @@ def load_trainer(ckpt: str) -> dict:
     return torch.load(os.path.join(ckpt, "trainer.pt"), weights_only=True)
 
 
-def restore(ckpt: str, *, env: D.Env, engine_model, optimizer) -> dict:
-    """Load model, optimizer, scheduler-bearing trainer state and this rank's RNG; returns trainer state."""
+def restore(ckpt: str, *, env: D.Env, engine) -> dict:
+    """Load model, optimizer, schedule (through the step adapter `engine`) and this rank's RNG; returns
+    the trainer state."""
     state = load_trainer(ckpt)
-    if env.engine == "deepspeed":
-        engine_model.load_checkpoint(ckpt, tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=True)
-    else:
-        model = getattr(engine_model, "module", engine_model)
-        model.load_state_dict(torch.load(os.path.join(ckpt, "model.pt"), weights_only=True))
-        optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=True))
+    engine.load(ckpt, state)
     rng_file = os.path.join(ckpt, "rng", f"rank{env.rank}.pt")
     if os.path.exists(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=True))
@@ -138,8 +119,6 @@ def restore(ckpt: str, *, env: D.Env, engine_model, optimizer) -> dict:
 
 def export_hf(out_dir: str, model, state_dict: dict, tokenizer) -> str:
     """save_pretrained of a plain `transformers` model with the trained weights, plus the tokenizer."""
-    from .model import hf_copy
-
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     hf_copy(model, state_dict).save_pretrained(tmp)

@@ -15,6 +15,9 @@ from typing import Any, Dict, List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from ..objectives import OBJECTIVES
+from . import model as model_mod, optim as optim_mod
+
 TASKS = ("pretrain", "sft", "align")
 OPTIMIZERS = ("adamw", "stable_spam", "spam", "classp")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -149,20 +152,20 @@ class Config:
     run: RunConfig = _f(None, "", factory=RunConfig)
 
 
-def _omega_message(e: OmegaConfBaseException, source: str) -> str:
+def _omega_message(e: OmegaConfBaseException, source: str, schema) -> str:
     key = getattr(e, "full_key", None) or "?"
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
     if isinstance(e, ConfigKeyError):
         parent = key.rsplit(".", 1)[0] if "." in key else None
-        known = sorted(f.name for f in dataclasses.fields(_section(parent)))
+        known = sorted(f.name for f in dataclasses.fields(_section(schema, parent)))
         return f"{source}: unknown key '{key}'; expected one of {known}"
     if isinstance(e, ValidationError):
         return f"{source}: bad value for '{key}': {first}"
     return f"{source}: '{key}': {first}"
 
 
-def _section(dotted: Optional[str]):
-    cls = Config
+def _section(schema, dotted: Optional[str]):
+    cls = schema
     for part in (dotted.split(".") if dotted else []):
         f = {x.name: x for x in dataclasses.fields(cls)}.get(part)
         if f is None or not dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
@@ -171,14 +174,19 @@ def _section(dotted: Optional[str]):
     return cls
 
 
-def load(paths=(), overrides=(), task: Optional[str] = None, base: Optional[dict] = None) -> Config:
-    """Merge defaults (or `base`, a dict) <- YAML files <- ``key=value`` overrides; validate; return a `Config`."""
-    cfg = OmegaConf.structured(Config)
+def structured(schema, paths=(), overrides=(), base: Optional[dict] = None, file_arg: str = "--config"):
+    """An instance of the dataclass `schema`: its defaults (or `base`, a dict) <- YAML files <- ``key=value``
+    overrides. Unknown keys, wrong types and missing values raise ConfigError naming the key;
+    `file_arg` names where the file paths came from."""
+    cfg = OmegaConf.structured(schema)
     if base is not None:
-        cfg = OmegaConf.merge(cfg, OmegaConf.create(base))
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(base))
+        except OmegaConfBaseException as e:
+            raise ConfigError(_omega_message(e, "config", schema)) from None
     for path in paths:
         if not os.path.isfile(path):
-            raise ConfigError(f"--config: no such file {path!r}")
+            raise ConfigError(f"{file_arg}: no such file {path!r}")
         try:
             loaded = OmegaConf.load(path)
         except Exception as e:  # YAML syntax errors
@@ -190,30 +198,32 @@ def load(paths=(), overrides=(), task: Optional[str] = None, base: Optional[dict
         try:
             cfg = OmegaConf.merge(cfg, loaded)
         except OmegaConfBaseException as e:
-            raise ConfigError(_omega_message(e, path)) from None
+            raise ConfigError(_omega_message(e, path, schema)) from None
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r}: expected key=value (e.g. train.steps=100)")
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
-            raise ConfigError(_omega_message(e, f"override {item!r}")) from None
+            raise ConfigError(_omega_message(e, f"override {item!r}", schema)) from None
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:  # e.g. a mandatory value (???) left unset
+        raise ConfigError(_omega_message(e, "config", schema)) from None
+
+
+def load(paths=(), overrides=(), task: Optional[str] = None, base: Optional[dict] = None) -> Config:
+    """Merge defaults (or `base`, a dict) <- YAML files <- ``key=value`` overrides; validate; return a `Config`."""
+    cfg = structured(Config, paths, overrides, base)
     if task is not None:
         cfg.task = task
-    obj = OmegaConf.to_object(cfg)
-    validate(obj)
-    return obj
+    validate(cfg)
+    return cfg
 
 
 def from_dict(d: dict) -> Config:
     """A validated Config from a nested dict (e.g. the one saved in a checkpoint)."""
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(d))
-    except OmegaConfBaseException as e:
-        raise ConfigError(_omega_message(e, "config")) from None
-    obj = OmegaConf.to_object(cfg)
-    validate(obj)
-    return obj
+    return load(base=d)
 
 
 def to_dict(cfg: Config) -> dict:
@@ -280,9 +290,8 @@ def validate(c: Config) -> None:
     _need(o.schedule in SCHEDULES, "optim.schedule", f"one of {list(SCHEDULES)}", o.schedule, e)
     _need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "a number in [0, 1]", o.min_lr_ratio, e)
     if o.name in OPTIMIZERS and not e:
-        from . import optim as _optim
         try:
-            _optim.check(c)
+            optim_mod.check(c)
         except ValueError as err:
             e.append(str(err))
     if o.state_dtype != "fp32" and o.name not in ("stable_spam", "spam"):
@@ -290,7 +299,6 @@ def validate(c: Config) -> None:
 
     ob = c.objective
     if c.task == "sft":
-        from ..objectives import OBJECTIVES
         _need(ob.name in OBJECTIVES + ("auto",), "objective.name", f"one of {list(OBJECTIVES) + ['auto']}", ob.name, e)
     elif ob.name != "nll":
         e.append(f"objective.name: {c.task} trains with nll; objective.name={ob.name!r} is for the sft task")
@@ -324,11 +332,6 @@ def validate(c: Config) -> None:
     if ds.zero_stage == 3 and ob.fused:
         e.append("objective.fused: the fused LM head reads lm_head.weight outside the module's forward, which ZeRO-3 "
                  "leaves partitioned; set objective.fused=false or dist.zero_stage<=2")
-    if ds.zero_stage > 0 and o.name != "adamw":
-        from . import optim as _optim
-        if not _optim.zero_support_available():
-            e.append(f"optim.name: {o.name} keeps per-tensor statistics, which ZeRO stage {ds.zero_stage} flattens into "
-                     "partitions, and lowbit.optim.zero is not available; use optim.name=adamw or dist.zero_stage=0")
     r = c.run
     if r.resume not in ("auto", "never") and not os.path.isdir(r.resume):
         e.append(f"run.resume: expected auto, never or an existing checkpoint dir, got {r.resume!r}")
@@ -340,7 +343,6 @@ def validate(c: Config) -> None:
 
 def _validate_recipe(c: Config, e: list) -> None:
     """The recipe exists and fits every Linear shape of the model (checked arithmetically, nothing built)."""
-    from . import model as _model
-    problem = _model.recipe_problem(c)
+    problem = model_mod.recipe_problem(c)
     if problem:
         e.append(problem)

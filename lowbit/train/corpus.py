@@ -71,8 +71,8 @@ def stdlib_split(val_fraction: float, max_mb: float | None) -> tuple[list[str], 
     return train, val
 
 
-def _read_jsonl(path: str, key: str) -> list[str]:
-    out = []
+def jsonl(path: str):
+    """(line number, value) for every non-blank line of a JSONL file; bad JSON raises DataError."""
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -81,14 +81,20 @@ def _read_jsonl(path: str, key: str) -> list[str]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get(key), str):
-                raise DataError(f"{path}:{n}: expected an object with a string field {key!r} (data.text_key)")
-            out.append(rec[key])
+            yield n, rec
+
+
+def _read_jsonl(path: str, key: str) -> list[str]:
+    out = []
+    for n, rec in jsonl(path):
+        if not isinstance(rec, dict) or not isinstance(rec.get(key), str):
+            raise DataError(f"{path}:{n}: expected an object with a string field {key!r} (data.text_key)")
+        out.append(rec[key])
     return out
 
 
 def _read_datasets_dir(path: str, key: str, split: str | None) -> list[str]:
-    try:
+    try:  # optional and slow to import: only saved `datasets` directories need it
         import datasets
     except ImportError:
         raise DataError(f"{path} is a saved `datasets` directory, but the datasets package is not installed") from None

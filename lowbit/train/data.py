@@ -45,6 +45,11 @@ def collate(items: list[dict]) -> dict:
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
+def load_batch(dataset, order: Order, idx: range, device: torch.device) -> dict:
+    """The batch at global positions `idx` (see `positions`), on `device`."""
+    return {k: v.to(device) for k, v in collate([dataset[order(k)] for k in idx]).items()}
+
+
 class Packed:
     """Fixed-length sequences cut from one token stream; labels equal inputs (the model shifts)."""
 

@@ -6,12 +6,45 @@ names other files) and on the held-out examples of the built-in synthetic task.
 """
 from __future__ import annotations
 
+import argparse
 import copy
+import json
+import sys
 
-import torch
-
+from ..attention import apply_seer, measured_density
 from . import config as cfgmod
 from . import corpus, data as data_mod, dist as D, evaluate, model as model_mod, pretrained, sft_data
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowbit eval", description="held-out perplexity and exact-match accuracy on "
+                                "the built-in SFT task, for a run dir, a lowbit checkpoint or an HF export")
+    p.add_argument("--checkpoint", required=True, help="run dir, checkpoints/step_* dir or HF export dir")
+    p.add_argument("--batches", type=int, default=16, help="validation batches (default 16)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--attention", choices=["dense", "seer"], default="dense",
+                   help="seer: apply SeerAttention gates (lowbit.attention.apply_seer)")
+    p.add_argument("--gates", default=None, help="gate weights for --attention seer")
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--density", type=float, default=None)
+    p.add_argument("--output", default=None, help="also write the results as JSON here")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="data.* overrides of the checkpoint's config")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_intermixed_args(argv)
+    try:
+        res = evaluate_checkpoint(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"lowbit eval: {e}", file=sys.stderr)
+        return 2
+    for k, v in res.items():
+        print(f"{k:<24} {v:.4f}" if isinstance(v, float) else f"{k:<24} {v}")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
 
 
 def evaluate_checkpoint(args) -> dict:
@@ -28,8 +61,10 @@ def evaluate_checkpoint(args) -> dict:
             raise ValueError(f"eval overrides: only data.* keys apply to evaluation, got {bad}")
         cfg = cfgmod.load([], args.overrides, base=cfgmod.to_dict(cfg))
     if args.attention == "seer":
-        model = _apply_seer(model, args)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        if args.gates is None:
+            raise ValueError("--attention seer: give --gates (the trained gate weights)")
+        apply_seer(model, args.gates, threshold=args.threshold, density=args.density)
+    device = D.local_device()
     model.to(device)
     env = D.Env(0, 1, 0, device, "torch", False)
     kw = dict(batches=args.batches, batch_size=args.batch_size, env=env)
@@ -45,20 +80,9 @@ def evaluate_checkpoint(args) -> dict:
                               for p, r in held_out])
     sft = evaluate.language_model(model, task, batches=len(task), batch_size=args.batch_size, env=env)
     res = {"checkpoint": where, "recipe": cfg.quant.recipe if kind == "lowbit" else "none (HF export)",
-            "data": source, "val_loss": lm["val_loss"], "val_ppl": lm["val_ppl"], "val_tokens": lm["val_tokens"],
-            "sft_task_exact_match": sft["val_exact_match"], "sft_task_loss": sft["val_loss"],
-            "sft_task_examples": len(task), "attention": args.attention}
+           "data": source, "val_loss": lm["val_loss"], "val_ppl": lm["val_ppl"], "val_tokens": lm["val_tokens"],
+           "sft_task_exact_match": sft["val_exact_match"], "sft_task_loss": sft["val_loss"],
+           "sft_task_examples": len(task), "attention": args.attention}
     if args.attention == "seer":
-        from ..attention import measured_density
         res["seer_measured_density"] = measured_density(model)
     return res
-
-
-def _apply_seer(model, args):
-    try:
-        from ..attention import apply_seer
-    except ImportError as e:
-        raise ValueError(f"--attention seer: lowbit.attention.apply_seer is not available ({e})") from None
-    if args.gates is None:
-        raise ValueError("--attention seer: give --gates (the trained gate weights)")
-    return apply_seer(model, args.gates, threshold=args.threshold, density=args.density) or model

@@ -20,10 +20,10 @@ class Logger:
         elif os.path.exists(self.path):
             os.remove(self.path)
         self.file = open(self.path, "a")
-        if tensorboard:
+        if tensorboard:  # optional and slow to import: only when run.tensorboard is on
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start + 1 if resume_step else None)
-        if progress:
+        if progress:  # optional: only when run.progress is on
             from tqdm.auto import tqdm
             self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
 

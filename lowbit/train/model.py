@@ -3,13 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import nn as lnn
+
 NO_QUANT = "bf16"  # the recipe that leaves nn.Linear alone (fp32 on CPU, bf16 under autocast)
-
-
-def _nn():
-    """lowbit.nn, imported lazily so the bf16 path runs without it."""
-    import lowbit.nn as lnn
-    return lnn
 
 
 def recipe_problem(cfg) -> str | None:
@@ -18,10 +14,7 @@ def recipe_problem(cfg) -> str | None:
     if name == NO_QUANT:
         return None
     try:
-        lnn = _nn()
         recipe = lnn.get_recipe(name)
-    except ImportError as err:
-        return f"quant.recipe: {name!r} needs lowbit.nn, which cannot be imported ({err})"
     except (ValueError, TypeError, FileNotFoundError) as err:
         msg = str(err)
         return "quant.recipe: " + (msg[len("recipe: "):] if msg.startswith("recipe: ") else msg)
@@ -41,7 +34,7 @@ def recipe_problem(cfg) -> str | None:
 
 def build(cfg, vocab_size: int, special: dict) -> torch.nn.Module:
     """A fresh LlamaForCausalLM (seeded by train.seed) with the recipe applied."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # optional and slow to import: only when a model is built
 
     m = cfg.model
     hf_cfg = LlamaConfig(
@@ -60,7 +53,6 @@ def apply_recipe(model: torch.nn.Module, cfg) -> torch.nn.Module:
     q = cfg.quant
     if q.recipe == NO_QUANT and not q.smooth_swiglu:
         return model
-    lnn = _nn()
     lnn.convert(model, q.recipe, skip=list(q.skip) or None, keep_high_precision=q.keep_high_precision,
                 strict=q.strict, smooth_swiglu=q.smooth_swiglu)
     return model
@@ -68,7 +60,7 @@ def apply_recipe(model: torch.nn.Module, cfg) -> torch.nn.Module:
 
 def hf_copy(model: torch.nn.Module, state_dict: dict) -> torch.nn.Module:
     """A plain `transformers` model (no lowbit layers) carrying `state_dict`, for save_pretrained."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # optional and slow to import: only for the HF export
 
     fresh = AutoModelForCausalLM.from_config(model.config)
     own = fresh.state_dict()
@@ -86,3 +78,10 @@ def count_parameters(model: torch.nn.Module) -> int:
             seen.add(id(p))
             n += getattr(p, "ds_numel", p.numel())
     return n
+
+
+def clear_weight_caches(model: torch.nn.Module) -> None:
+    """LowBitLinear caches its quantized weight; engines that write weights through .data need a reset."""
+    for m in model.modules():
+        if hasattr(m, "clear_weight_cache"):
+            m.clear_weight_cache()

@@ -1,15 +1,11 @@
 """Optimizer and learning-rate schedule from the config."""
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import torch
 
-
-def zero_support_available() -> bool:
-    """lowbit.optim.zero (per-tensor statistics under DeepSpeed ZeRO partitions) is present."""
-    return importlib.util.find_spec("lowbit.optim.zero") is not None
+from ..optim import CLASSP, SPAM, StableSPAM
 
 
 def build(params, cfg) -> torch.optim.Optimizer:
@@ -21,9 +17,7 @@ def build(params, cfg) -> torch.optim.Optimizer:
         if o.name == "adamw":
             return torch.optim.AdamW(params, lr=o.lr, betas=betas, eps=o.eps, weight_decay=o.weight_decay, **extra)
         if o.name == "classp":
-            from ..optim import CLASSP
             return CLASSP(params, lr=o.lr, **extra)
-        from ..optim import SPAM, StableSPAM
         cls = StableSPAM if o.name == "stable_spam" else SPAM
         kw = dict(lr=o.lr, betas=betas, eps=o.eps, weight_decay=o.weight_decay, state_dtype=o.state_dtype,
                   seed=cfg.train.seed)

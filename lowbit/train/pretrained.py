@@ -10,7 +10,8 @@ import os
 import torch
 
 from . import checkpoint as C
-from . import tokenizer as tk
+from . import config as cfgmod, corpus, tokenizer as tk
+from .model import build
 
 
 def resolve(path: str) -> tuple[str, str]:
@@ -28,22 +29,26 @@ def resolve(path: str) -> tuple[str, str]:
                             "no model.pt + trainer.pt and no HF config.json")
 
 
-def checkpoint_config(ckpt: str):
-    from . import config as cfgmod
-    from omegaconf import OmegaConf
-
-    return cfgmod.from_dict(OmegaConf.to_container(OmegaConf.load(os.path.join(ckpt, "config.yaml"))))
+def checkpoint_config(ckpt: str) -> cfgmod.Config:
+    return cfgmod.load([os.path.join(ckpt, "config.yaml")])
 
 
-def load(path: str, cfg=None):
-    """(unconverted HF model with the trained weights, tokenizer). The caller applies its own recipe."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load(path: str, *, need_tokenizer: bool = True):
+    """(unconverted HF model with the trained weights, tokenizer). The caller applies its own recipe.
+
+    With ``need_tokenizer=False`` an HF export without a tokenizer loads with tokenizer None."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # optional and slow to import: only when loading
 
     kind, where = resolve(path)
     if kind == "hf":
         model = AutoModelForCausalLM.from_pretrained(where, local_files_only=True)
-        return model, AutoTokenizer.from_pretrained(where, local_files_only=True)
-    from .model import build
+        try:
+            tok = AutoTokenizer.from_pretrained(where, local_files_only=True)
+        except Exception:  # an export without a tokenizer (e.g. the random base model of a seer smoke run)
+            if need_tokenizer:
+                raise
+            tok = None
+        return model, tok
     saved = checkpoint_config(where)
     saved.quant.recipe, saved.quant.smooth_swiglu = "bf16", False
     tok = AutoTokenizer.from_pretrained(os.path.join(where, "tokenizer"), local_files_only=True)
@@ -61,7 +66,6 @@ def default_tokenizer(cfg):
     """SFT / alignment without init_from: data.tokenizer, else the BPE of the embedded corpus."""
     if cfg.data.tokenizer is not None:
         return tk.load_user(cfg.data.tokenizer)
-    from . import corpus
 
     class _Stdlib:  # the pretraining data settings of the embedded corpus
         tokenizer, vocab_size, cache_dir = None, cfg.data.vocab_size, cfg.data.cache_dir

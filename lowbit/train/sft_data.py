@@ -10,12 +10,11 @@ as the rejected (DPO) / unaligned (KLDO) response.
 """
 from __future__ import annotations
 
-import json
 import random
 
 import torch
 
-from .corpus import DataError
+from .corpus import DataError, jsonl
 
 IGNORE = -100
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -71,18 +70,12 @@ def encode_chat(tok, turns: list[tuple[str, str]], seq_len: int) -> dict:
     return {"input_ids": torch.tensor(ids + [tok.pad_token_id] * pad), "labels": torch.tensor(labels + [IGNORE] * pad)}
 
 
-def _records(path: str) -> list[dict]:
+def _records(path: str) -> list[tuple[int, dict]]:
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise DataError(f"{path}:{n}: expected a JSON object")
-                out.append((n, rec))
+    for n, rec in jsonl(path):
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object")
+        out.append((n, rec))
     if not out:
         raise DataError(f"{path}: no records (empty file)")
     return out

@@ -9,6 +9,9 @@ from __future__ import annotations
 import hashlib
 import os
 
+import tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
 SPECIAL = {"eos": "<|endoftext|>", "pad": "<|pad|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 
 
@@ -26,8 +29,6 @@ def atomic_write(path: str, write) -> None:
 
 
 def train_bpe(docs: list[str], vocab_size: int, path: str):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -40,7 +41,7 @@ def train_bpe(docs: list[str], vocab_size: int, path: str):
 
 def wrap(tok):
     """A transformers PreTrainedTokenizerFast around a `tokenizers.Tokenizer` (for save_pretrained)."""
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # optional and slow to import: only when a tokenizer is made
 
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL["eos"], pad_token=SPECIAL["pad"],
                                    bos_token=SPECIAL["eos"], additional_special_tokens=[SPECIAL["user"], SPECIAL["assistant"]])
@@ -48,7 +49,7 @@ def wrap(tok):
 
 def load_user(path: str):
     """A tokenizer.json file or a local HF tokenizer directory, as a PreTrainedTokenizerFast."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # optional and slow to import
 
     if os.path.isfile(path):
         tok = PreTrainedTokenizerFast(tokenizer_file=path)
@@ -71,9 +72,6 @@ def get(data_cfg, docs_fn, fingerprint: str):
     """
     if data_cfg.tokenizer is not None:
         return load_user(data_cfg.tokenizer)
-    import tokenizers
-    from tokenizers import Tokenizer
-
     key = hashlib.sha256(f"{fingerprint}|{data_cfg.vocab_size}|{tokenizers.__version__}".encode()).hexdigest()[:16]
     path = os.path.join(cache_dir(data_cfg), f"bpe-{key}.json")
     tok = Tokenizer.from_file(path) if os.path.exists(path) else train_bpe(docs_fn(), data_cfg.vocab_size, path)

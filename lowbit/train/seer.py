@@ -1,4 +1,4 @@
-"""`lowbit seer distill <config.yaml> [key=value ...]` and `lowbit seer eval --checkpoint DIR --gates FILE`.
+"""`lowbit seer distill <config.yaml> [key=value ...]` and `lowbit seer eval --gates FILE [options]`.
 
 distill: loads the base model (a lowbit run / checkpoint / HF export dir, or, with model.checkpoint
 null, a freshly initialised Llama of shape model.random for smoke tests), freezes it, attaches a gate
@@ -15,7 +15,9 @@ Writes a table (stdout, results.md, results.csv) and, when matplotlib is install
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
+import itertools
 import json
 import math
 import os
@@ -26,8 +28,11 @@ from typing import Optional
 import torch
 import torch.distributed as tdist
 
-from . import distillation as D
-from . import model as seer_model
+from ..attention import distillation, model as seer_model
+from ..attention.gate import POOLS
+from ..attention.ops import check_block_size
+from . import config as cfgmod, corpus, data as data_mod, dist as D, pretrained
+from .metrics import Logger
 
 
 @dataclass
@@ -85,23 +90,13 @@ class SeerConfig:
 
 
 def load_config(path: str, overrides: list[str]) -> SeerConfig:
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        base = OmegaConf.structured(SeerConfig)
-        cfg = OmegaConf.merge(base, OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
-        cfg = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as e:
-        raise ValueError(f"config {path!r}: {e.msg if hasattr(e, 'msg') else e}".splitlines()[0]) from None
+    """The YAML file <- overrides over the defaults; errors (ConfigError, a ValueError) name the key."""
+    cfg = cfgmod.structured(SeerConfig, [path], overrides, file_arg="config")
     _validate(cfg)
     return cfg
 
 
 def _validate(c: SeerConfig) -> None:
-    from .ops import check_block_size
-    from .gate import POOLS
-
     check_block_size(c.gate.block_size)
     for key, pools in (("gate.q_pool", c.gate.q_pool), ("gate.k_pool", c.gate.k_pool)):
         if not pools or any(p not in POOLS for p in pools):
@@ -121,24 +116,14 @@ def _validate(c: SeerConfig) -> None:
 def load_base(checkpoint: Optional[str], random_cfg: RandomModel | None = None, seed: int = 0):
     """(frozen model, tokenizer or None, the checkpoint's config / data section or None)."""
     if checkpoint is None:
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaConfig, LlamaForCausalLM  # optional and slow to import: only for this model
 
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(LlamaConfig(**asdict(random_cfg)))
-        return model.eval(), None, None
-    from ..train import config as cfgmod, pretrained
-
+        return LlamaForCausalLM(LlamaConfig(**asdict(random_cfg))).eval(), None, None
     kind, where = pretrained.resolve(checkpoint)
+    model, tok = pretrained.load(where, need_tokenizer=False)
     if kind == "hf":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(where, local_files_only=True)
-        try:
-            tok = AutoTokenizer.from_pretrained(where, local_files_only=True)
-        except Exception:  # an export without a tokenizer (e.g. the random base model of a smoke run)
-            tok = None
         return model.eval(), tok, cfgmod.Config().data if tok is not None else None
-    model, tok = pretrained.load(where)
     return model.eval(), tok, pretrained.checkpoint_config(where)
 
 
@@ -149,10 +134,6 @@ def token_source(tok, data_cfg, seq_len: int, max_corpus_mb, split: str):
     or a data section (HF exports: the documents are tokenized with the export's tokenizer)."""
     if tok is None:
         return None
-    import copy
-
-    from ..train import corpus, data as data_mod
-
     if hasattr(data_cfg, "data"):  # a lowbit run config
         cfg = copy.deepcopy(data_cfg)
         cfg.data.seq_len = seq_len
@@ -186,22 +167,8 @@ def batches(seqs: Optional[torch.Tensor], vocab: int, seq_len: int, batch: int, 
         epoch += 1
 
 
-def _dist() -> tuple[int, int, bool]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    owns = False
-    if world > 1 and not tdist.is_initialized():
-        tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        owns = True
-    return rank, world, owns
-
-
-def _device(rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-        torch.cuda.set_device(dev)
-        return dev
-    return torch.device("cpu")
+def _take(it, n: int, device: torch.device) -> list[torch.Tensor]:
+    return [b.to(device) for b in itertools.islice(it, n)]
 
 
 # ---------------------------------------------------------------- distill
@@ -210,73 +177,62 @@ def cmd_distill(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="lowbit seer distill", description="self-distil SeerAttention gates")
     p.add_argument("config", help="YAML file (see configs/seer/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=50")
-    args = p.parse_args(_strip_launcher_args(argv))
+    args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    rank, world, owns = _dist()
-    dev = _device(rank)
+    env = D.setup("torch")
     try:
-        return _distill(cfg, rank, world, dev)
+        return distill(cfg, env)
     finally:
-        if owns:
-            tdist.destroy_process_group()
+        D.teardown(env)
 
 
-def _distill(cfg: SeerConfig, rank: int, world: int, dev: torch.device) -> int:
-    say = print if rank == 0 else (lambda *a, **k: None)
+def distill(cfg: SeerConfig, env: D.Env) -> int:
     model, tok, data_cfg = load_base(cfg.model.checkpoint, cfg.model.random, cfg.train.seed)
-    model.to(dev)
+    model.to(env.device)
     torch.manual_seed(cfg.train.seed)  # the same gate init on every rank and rerun
     gates = seer_model.attach_gates(model, block_size=cfg.gate.block_size, gate_dim=cfg.gate.gate_dim,
                                     q_pool=tuple(cfg.gate.q_pool), k_pool=tuple(cfg.gate.k_pool))
-    if world > 1:
+    if env.world > 1:
         for g in gates:
             for prm in g.parameters():
                 tdist.broadcast(prm.data, 0)
-    vocab = model.config.vocab_size
-    train_seqs = token_source(tok, data_cfg, cfg.data.seq_len, cfg.data.max_corpus_mb, "train")
-    val_seqs = token_source(tok, data_cfg, cfg.data.seq_len, cfg.data.max_corpus_mb, "validation")
+    vocab, seq_len, bs, seed = model.config.vocab_size, cfg.data.seq_len, cfg.data.batch_size, cfg.train.seed
+    train_seqs = token_source(tok, data_cfg, seq_len, cfg.data.max_corpus_mb, "train")
+    val_seqs = token_source(tok, data_cfg, seq_len, cfg.data.max_corpus_mb, "validation")
+    os.makedirs(cfg.output, exist_ok=True)
+    log = Logger(cfg.output, main=env.main, total=cfg.train.steps, start=0, tensorboard=False, progress=False,
+                 resume_step=None)
     src = "random tokens" if tok is None else f"{len(train_seqs)} train / {len(val_seqs)} validation sequences"
     n_gate = sum(p.numel() for g in gates for p in g.parameters())
-    say(f"seer distill: {len(gates)} gates, {n_gate} parameters; block {cfg.gate.block_size}, "
-        f"seq {cfg.data.seq_len}, batch {cfg.data.batch_size} x {world} rank(s); data: {src}; device {dev}")
+    log.message(f"seer distill: {len(gates)} gates, {n_gate} parameters; block {cfg.gate.block_size}, seq {seq_len}, "
+                f"batch {bs} x {env.world} rank(s); data: {src}; device {env.device}")
 
-    def to_dev(it):
-        for b in it:
-            yield b.to(dev)
+    def on_log(m):
+        log.message(f"step {m['step']:>6}  kl {m['loss']:.5f}  lr {m['lr']:.2e}  grad_norm {m['grad_norm']:.3e}  "
+                    f"{m['tokens_per_s']:.0f} tok/s")
+        log.log(m)
 
-    held_out = [b.to(dev) for b, _ in zip(batches(val_seqs, vocab, cfg.data.seq_len, cfg.data.batch_size,
-                                                  cfg.train.seed + 1_000_003), range(cfg.train.eval_batches))]
-    kl_before = D.evaluate_kl(model, held_out)
-    os.makedirs(cfg.output, exist_ok=True)
-    metrics = open(os.path.join(cfg.output, "metrics.jsonl"), "w") if rank == 0 else None
-
-    def log(m):
-        say(f"step {m['step']:>6}  kl {m['loss']:.5f}  lr {m['lr']:.2e}  grad_norm {m['grad_norm']:.3e}  "
-            f"{m['tokens_per_s']:.0f} tok/s", flush=True)
-        if metrics:
-            metrics.write(json.dumps(m) + "\n")
-            metrics.flush()
-
-    hist = D.distill(model, to_dev(batches(train_seqs, vocab, cfg.data.seq_len, cfg.data.batch_size, cfg.train.seed,
-                                           rank, world)),
-                     steps=cfg.train.steps, lr=cfg.train.lr, warmup=cfg.train.warmup,
-                     weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip, log=log,
-                     log_every=cfg.train.log_every)
-    kl_after = D.evaluate_kl(model, held_out)
+    held_out = _take(batches(val_seqs, vocab, seq_len, bs, seed + 1_000_003), cfg.train.eval_batches, env.device)
+    kl_before = distillation.evaluate_kl(model, held_out)
+    hist = distillation.distill(
+        model, (b.to(env.device) for b in batches(train_seqs, vocab, seq_len, bs, seed, env.rank, env.world)),
+        steps=cfg.train.steps, lr=cfg.train.lr, warmup=cfg.train.warmup, weight_decay=cfg.train.weight_decay,
+        grad_clip=cfg.train.grad_clip, log=on_log, log_every=cfg.train.log_every)
+    kl_after = distillation.evaluate_kl(model, held_out)
+    log.close()
     summary = {"gates": os.path.join(cfg.output, "gates.pt"), "layers": len(gates), "gate_parameters": n_gate,
                "steps": cfg.train.steps, "first_loss": hist[0], "last_loss": hist[-1],
                "held_out_kl_before": kl_before, "held_out_kl_after": kl_after}
-    if rank == 0:
-        metrics.close()
+    if env.main:
         base = cfg.model.checkpoint
         if base is None:  # keep the random base model, so `seer eval` can load it with the gates
             base = os.path.join(cfg.output, "base")
             model.save_pretrained(base, state_dict={k: v for k, v in model.state_dict().items() if "seer_gate" not in k})
         summary["checkpoint"] = base
-        D.save_gates(model, summary["gates"], extra={"checkpoint": base, "config": asdict(cfg)})
+        distillation.save_gates(model, summary["gates"], extra={"checkpoint": base, "config": asdict(cfg)})
         with open(os.path.join(cfg.output, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        say(f"held-out KL {kl_before:.5f} -> {kl_after:.5f}; gates -> {summary['gates']}")
+        log.message(f"held-out KL {kl_before:.5f} -> {kl_after:.5f}; gates -> {summary['gates']}")
     return 0
 
 
@@ -327,6 +283,11 @@ def perplexity(model, data: list[torch.Tensor]) -> float:
     return math.exp(nll / n)
 
 
+def _row(model, data, method: str, target: str) -> dict:
+    ppl = perplexity(model, data)
+    return {"method": method, "target": target, "density": seer_model.measured_density(model), "ppl": ppl}
+
+
 def evaluate(args) -> list[dict]:
     densities = _floats(args.densities, "--densities")
     thresholds = _floats(args.thresholds, "--thresholds")
@@ -338,26 +299,20 @@ def evaluate(args) -> list[dict]:
     dcfg = extra.get("config", {}).get("data", {})
     seq_len = args.seq_len or dcfg.get("seq_len", 1024)
     model, tok, data_cfg = load_base(checkpoint)
-    dev = _device(0)
+    dev = D.local_device()
     model.to(dev)
-    D.load_gates(model, args.gates)
+    distillation.load_gates(model, args.gates)
     seqs = token_source(tok, data_cfg, seq_len, dcfg.get("max_corpus_mb"), "validation")
-    data = [b.to(dev) for b, _ in zip(batches(seqs, model.config.vocab_size, seq_len, args.batch_size, 12345),
-                                      range(args.batches))]
-    rows = []
+    data = _take(batches(seqs, model.config.vocab_size, seq_len, args.batch_size, 12345), args.batches, dev)
     seer_model.configure(model, "dense")
-    rows.append({"method": "dense", "target": "", "density": 1.0, "ppl": perplexity(model, data)})
+    rows = [{"method": "dense", "target": "", "density": 1.0, "ppl": perplexity(model, data)}]
     for d in densities:
         for method in ("gate", "static", "oracle"):
             seer_model.configure(model, method, density=d)
-            ppl = perplexity(model, data)
-            rows.append({"method": method, "target": f"density={d:g}", "density": seer_model.measured_density(model),
-                         "ppl": ppl})
+            rows.append(_row(model, data, method, f"density={d:g}"))
     for t in thresholds:
         seer_model.configure(model, "gate", threshold=t)
-        ppl = perplexity(model, data)
-        rows.append({"method": "gate", "target": f"threshold={t:g}", "density": seer_model.measured_density(model),
-                     "ppl": ppl})
+        rows.append(_row(model, data, "gate", f"threshold={t:g}"))
     return rows
 
 
@@ -369,7 +324,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str) -> str | None:
-    try:
+    try:  # optional and slow to import: the table and CSV are written without it
         import matplotlib
 
         matplotlib.use("Agg")
@@ -397,11 +352,6 @@ def plot(rows: list[dict], path: str) -> str | None:
 
 # ---------------------------------------------------------------- entry point
 
-def _strip_launcher_args(argv: list[str]) -> list[str]:
-    """deepspeed passes --local_rank=N to the script; the rank comes from the environment instead."""
-    return [a for a in argv if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
-
-
 USAGE = "usage: lowbit seer distill <config.yaml> [key=value ...] | lowbit seer eval --gates FILE [options]"
 
 
@@ -420,7 +370,3 @@ def main(argv: list[str]) -> int:
         return 2
     print(f"lowbit seer: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
     return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

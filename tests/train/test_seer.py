@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("omegaconf")
 
-from lowbit.attention.cli import main  # noqa: E402
+from lowbit.train.seer import main  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "seer", "tiny.yaml")
 SMALL = ["data.seq_len=128", "data.batch_size=1", "gate.block_size=16", "gate.gate_dim=16",
