@@ -2,12 +2,12 @@
 from . import formats
 from .backends import use_backend
 from .formats import FP8_E4M3, FP8_E5M2, MXFP4, MXFP8, MXFP8_E5M2, NVFP4
-from .ops import cast, dequantize, hadamard, qmatmul, quantize, stochastic_round
+from .ops import QuantizeSpec, cast, dequantize, hadamard, qmatmul, quantize, quantize_dual, stochastic_round
 from .qtensor import QTensor
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "formats", "use_backend", "QTensor", "quantize", "dequantize", "cast", "stochastic_round", "hadamard",
-    "qmatmul", "FP8_E4M3", "FP8_E5M2", "MXFP8", "MXFP8_E5M2", "MXFP4", "NVFP4",
+    "formats", "use_backend", "QTensor", "quantize", "quantize_dual", "QuantizeSpec", "dequantize", "cast",
+    "stochastic_round", "hadamard", "qmatmul", "FP8_E4M3", "FP8_E5M2", "MXFP8", "MXFP8_E5M2", "MXFP4", "NVFP4",
 ]

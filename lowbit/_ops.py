@@ -84,3 +84,39 @@ def qmatmul(a_data: Tensor, a_scale: Tensor, a_global_scale: Tensor, a_fmt: str,
 def _(a_data, a_scale, a_global_scale, a_fmt, a_block, b_data, b_scale, b_global_scale, b_fmt, b_block, K,
       out_dtype, backend):
     return a_data.new_empty((a_data.shape[0], b_data.shape[0]), dtype=out_dtype)
+
+
+class LayoutSpec(NamedTuple):
+    """One layout of `quantize_dual` as backends see it (see `lowbit.backends.ref.quantize_dual`)."""
+
+    fmt: Format
+    block: tuple[int, int]
+    rounding: str
+    seed: int
+    scale_mode: str
+    hadamard: int
+    rows: int
+
+
+@torch.library.custom_op("lowbit::quantize_dual", mutates_args=())
+def quantize_dual(x: Tensor, row_fmt: str, row_block: list[int], row_rounding: str, row_seed: int,
+                  row_scale_mode: str, row_hadamard: int, row_rows: int,
+                  col_fmt: str, col_block: list[int], col_rounding: str, col_seed: int,
+                  col_scale_mode: str, col_hadamard: int, col_rows: int,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    row = LayoutSpec(FORMATS[row_fmt], tuple(row_block), row_rounding, row_seed, row_scale_mode, row_hadamard, row_rows)
+    col = LayoutSpec(FORMATS[col_fmt], tuple(col_block), col_rounding, col_seed, col_scale_mode, col_hadamard, col_rows)
+    return backends.for_op("quantize_dual", x.device.type, backend)(x, row, col)
+
+
+@quantize_dual.register_fake
+def _(x, row_fmt, row_block, row_rounding, row_seed, row_scale_mode, row_hadamard, row_rows,
+      col_fmt, col_block, col_rounding, col_seed, col_scale_mode, col_hadamard, col_rows, backend):
+    K = x.shape[1]
+    out = []
+    for fmt, block, R, Kq in ((row_fmt, row_block, row_rows, K), (col_fmt, col_block, K, col_rows)):
+        f = FORMATS[fmt]
+        out += [x.new_empty((R, Kq // 2 if f.packed else Kq), dtype=f.data_dtype),
+                x.new_empty((R // block[0], Kq // block[1]), dtype=f.scale_dtype),
+                x.new_empty((), dtype=torch.float32)]
+    return tuple(out)

@@ -1,4 +1,4 @@
-"""Public op surface: quantize, dequantize, cast / stochastic_round, hadamard, qmatmul.
+"""Public op surface: quantize, quantize_dual, dequantize, cast / stochastic_round, hadamard, qmatmul.
 
 This layer checks arguments (every bad input is a ValueError/TypeError naming the argument),
 moves the quantization axis last, flattens to the 2-D `[R, K]` view backends work on, and
@@ -8,6 +8,7 @@ the `lowbit.backends.ref` package (the executable spec).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -156,6 +157,82 @@ def _empty_qtensor(x, fmt, data_shape, axis, block, R, K, tensorwise):
     return QTensor(data, scale, gs, fmt, x.shape, axis, block)
 
 
+class QuantizeSpec(NamedTuple):
+    """One layout of `quantize_dual`: `quantize`'s arguments, plus `pad`, a multiple that x's
+    rows (dim 0, the tokens) are zero-padded to before this layout is quantized."""
+
+    fmt: object
+    block: object = None
+    rounding: str = "nearest"
+    seed: int = 0
+    scale_mode: str | None = None
+    hadamard: int | None = None
+    pad: int = 1
+
+
+def _layout(spec, name: str, T: int, K: int, transposed: bool):
+    """(spec, LayoutSpec, fp8 tensor-wise?) for one layout of `quantize_dual`, checked as `quantize` checks."""
+    if isinstance(spec, dict):
+        spec = QuantizeSpec(**spec)
+    if not isinstance(spec, QuantizeSpec):
+        raise TypeError(f"{name}: expected a lowbit.QuantizeSpec, got {type(spec).__name__}")
+    try:
+        fmt = get_format(spec.fmt)
+        _check_rounding(spec.rounding)
+        seed = _check_seed(spec.seed)
+        if isinstance(spec.pad, bool) or not isinstance(spec.pad, int) or spec.pad < 1:
+            raise ValueError(f"pad: expected a positive int, got {spec.pad!r}")
+        rows = -(-T // spec.pad) * spec.pad
+        R, Kq = (K, rows) if transposed else (rows, K)
+        scale_mode = SCALE_MODES[fmt.kind][0] if spec.scale_mode is None else spec.scale_mode
+        if scale_mode not in SCALE_MODES[fmt.kind]:
+            raise ValueError(f"scale_mode: {fmt.name} accepts {SCALE_MODES[fmt.kind]}, got {scale_mode!r}")
+        h = 0 if spec.hadamard is None else _check_hadamard_block(spec.hadamard, Kq)
+        block = _normalize_block(fmt, spec.block, R, Kq)
+        if fmt.packed and Kq % 2:
+            raise ValueError(f"x: FP4 packs two elements per byte, so the quantized dimension must be even, got {Kq}")
+    except ValueError as e:
+        raise ValueError(f"{name}.{e}") from None
+    tensorwise = fmt.kind == "fp8" and spec.block is None
+    return spec, _ops.LayoutSpec(fmt, block, spec.rounding, seed, scale_mode, h, rows), tensorwise
+
+
+def quantize_dual(x: torch.Tensor, rowwise: QuantizeSpec, colwise: QuantizeSpec, *, backend: str | None = None,
+                  check: bool = False) -> tuple[QTensor, QTensor]:
+    """Both GEMM layouts of a 2-D x [T, K] (T tokens) in one op (Triton: two reads of x, no transpose).
+
+    Exactly `(quantize(pad_rows(x, rowwise.pad), ...rowwise), quantize(pad_rows(x, colwise.pad).T, ...colwise))`,
+    each quantized along its last dim: the first [T', K] along K, the second [K, T''] along the
+    tokens (its rounding bits indexed in that padded transpose; see `lowbit.backends.ref.quantize_dual`).
+    rowwise / colwise: `QuantizeSpec`s (or mappings of their fields); there is no `global_amax`.
+    """
+    _check_float(x)
+    if x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D tensor [tokens, features], got shape {tuple(x.shape)}")
+    T, K = x.shape
+    layouts = (_layout(rowwise, "rowwise", T, K, False), _layout(colwise, "colwise", T, K, True))
+    if check and x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError("x: contains NaN or Inf (check=True)")
+    if x.numel() == 0:  # the definition itself: `quantize` owns the empty-tensor rules
+        out = []
+        for i, (spec, lay, _) in enumerate(layouts):
+            xp = torch.nn.functional.pad(x, (0, 0, 0, lay.rows - T))
+            out.append(quantize(xp.t() if i else xp, spec.fmt, block=spec.block, rounding=spec.rounding,
+                                seed=spec.seed, scale_mode=spec.scale_mode, hadamard=spec.hadamard, backend=backend))
+        return out[0], out[1]
+    (_, row, row_tw), (_, col, col_tw) = layouts
+    x = (x.to(torch.float32) if x.dtype == torch.float64 else x).contiguous()
+    parts = _ops.quantize_dual(x, row.fmt.name, list(row.block), row.rounding, row.seed, row.scale_mode, row.hadamard,
+                               row.rows, col.fmt.name, list(col.block), col.rounding, col.seed, col.scale_mode,
+                               col.hadamard, col.rows, backends.requested(backend))
+    out = []
+    for (data, scale, gs), lay, tensorwise, shape in ((parts[:3], row, row_tw, (row.rows, K)),
+                                                       (parts[3:], col, col_tw, (K, col.rows))):
+        out.append(QTensor(data, scale.reshape(()) if tensorwise else scale,
+                           gs if lay.fmt.kind == "nvfp4" else None, lay.fmt, shape, 1, lay.block))
+    return out[0], out[1]
+
+
 def dequantize(q: QTensor, dtype: torch.dtype = torch.float32, *, backend: str | None = None) -> torch.Tensor:
     """Decode a QTensor to `dtype` in its original layout."""
     if not isinstance(q, QTensor):
@@ -232,4 +309,5 @@ def qmatmul(a: QTensor, b: QTensor, *, out_dtype: torch.dtype = torch.float32, b
                         pb.data, pb.scale, pb.global_scale, b.fmt.name, list(b.block), K, out_dtype, name)
 
 
-__all__ = ["quantize", "dequantize", "cast", "stochastic_round", "hadamard", "qmatmul", "FORMATS"]
+__all__ = ["quantize", "quantize_dual", "QuantizeSpec", "dequantize", "cast", "stochastic_round", "hadamard",
+           "qmatmul", "FORMATS"]

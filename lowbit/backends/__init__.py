@@ -17,6 +17,7 @@ import torch
 NAMES = ("ref", "cpu", "cuda", "triton")
 FAMILIES = {
     "quantize": ("quantize", "dequantize", "cast"),
+    "quantize_dual": ("quantize_dual",),
     "hadamard": ("hadamard",),
     "qmatmul": ("qmatmul",),
     "attention": ("attention_with_block_pool", "block_sparse_attention"),

@@ -5,7 +5,10 @@ Every quantized GEMM is `lowbit.qmatmul` (fp32 accumulation, output in the dtype
 wants: the autocast / input dtype, fp32 where a bias or correction is added). Quantized weights come in from the
 caller (so a module can cache them for the whole optimizer step); activations are quantized here.
 What backward needs is saved already quantized (x along tokens for wgrad), which is also what
-keeps the activation memory of a quantized recipe small.
+keeps the activation memory of a quantized recipe small. Where a tensor is quantized along both of
+its dims (x for fprop and wgrad, dy for dgrad and wgrad, W for fprop and dgrad), one
+`quantize_dual` call writes both layouts: the same bits as two `quantize` calls, with the reads
+of the tensor and its transposed copy fused away where the backend has the kernel (Triton).
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..ops import dequantize, qmatmul, quantize
+from ..ops import QuantizeSpec, dequantize, qmatmul, quantize, quantize_dual
 from ..qtensor import QTensor
 from .dge import dge_derivative
 from .outliers import clamp_outliers
@@ -51,15 +54,24 @@ def quantize_operand(t: torch.Tensor, op: Operand, seed: int = 0) -> QTensor:
                     scale_mode=op.scale_mode)
 
 
+def operand_spec(op: Operand, seed: int = 0, pad: int = 1) -> QuantizeSpec:
+    """`op` as one layout of `quantize_dual`, its tokens (rows) zero-padded to a multiple of `pad`."""
+    return QuantizeSpec(op.fmt, op.block, op.rounding, seed, op.scale_mode, op.hadamard, pad)
+
+
 def quantize_weight(weight: torch.Tensor, recipe: Recipe) -> QuantizedWeight:
     """Both quantizations of W a recipe needs; one is the transpose of the other when that is exact."""
     fw, dw = recipe.fprop_weight, recipe.dgrad_weight
+    # the same codes transposed; FP4 is requantized instead, as repacking nibbles costs more
+    exact_t = dw is not None and dw == fw and fw.square and fw.hadamard is None and not fw.format.packed
     with torch.no_grad():
+        if fw is not None and dw is not None and not exact_t:  # both layouts in one op
+            return QuantizedWeight(*quantize_dual(weight, operand_spec(fw), operand_spec(dw)))
         qf = quantize_operand(weight, fw) if fw is not None else None
         if dw is None:
             qd = None
-        elif dw == fw and fw.square and fw.hadamard is None and not fw.format.packed:
-            qd = qf.t()  # the same codes; FP4 is requantized instead, as repacking nibbles costs more
+        elif exact_t:
+            qd = qf.t()
         else:
             qd = quantize_operand(weight.t(), dw)
     return QuantizedWeight(qf, qd)
@@ -68,6 +80,16 @@ def quantize_weight(weight: torch.Tensor, recipe: Recipe) -> QuantizedWeight:
 def _reuse_transposed(a: Operand | None, b: Operand | None) -> bool:
     """A tensor quantized as `a` can serve, transposed, as operand `b` along the other axis."""
     return a is not None and a == b and a.tensorwise and a.hadamard is None
+
+
+def _wgrad_seed(recipe: Recipe) -> int:
+    """The seed shared by both wgrad operands (Hadamard signs must match; SR draws from it)."""
+    return draw_seed() if (recipe.wgrad_input.hadamard or recipe.wgrad_grad.rounding == "stochastic") else 0
+
+
+def _wgrad_pad(recipe: Recipe) -> int:
+    """What the token dim is padded to for wgrad, which reduces over it (both operands agree)."""
+    return max(recipe.wgrad_input.reduction_multiple(), recipe.wgrad_grad.reduction_multiple())
 
 
 def _pack(q: QTensor | None) -> tuple[list[torch.Tensor], tuple | None]:
@@ -92,16 +114,24 @@ class LowBitLinearFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, recipe: Recipe,
                 wq: QuantizedWeight, out_dtype: torch.dtype):
         T = x.shape[0]
-        fi = recipe.fprop_input
-        saved_x = None
-        xt_q = None
+        fi, wi = recipe.fprop_input, recipe.wgrad_input
+        clamp = recipe.activation_clamp_quantile
+        saved_x = qx = xt_q = None
+        wseed = 0
+        if fi is not None and wi is not None and clamp is None and not _reuse_transposed(fi, wi):
+            # x along in_features (fprop) and along tokens (wgrad) in one op; the wgrad seed is drawn
+            # before the fprop GEMM instead of after it, the same seed as nothing between draws one
+            wseed = _wgrad_seed(recipe)
+            qx, xt_q = quantize_dual(x, operand_spec(fi, 0, fi.rows_multiple()),
+                                     operand_spec(wi, wseed, _wgrad_pad(recipe)))
         if fi is None:
             y = x.float() @ weight.float().t()
         else:
             xin, residual = x, None
-            if recipe.activation_clamp_quantile is not None:
-                xin, residual = clamp_outliers(x, recipe.activation_clamp_quantile)
-            qx = quantize_operand(pad_rows(xin, fi.rows_multiple()), fi)
+            if clamp is not None:
+                xin, residual = clamp_outliers(x, clamp)
+            if qx is None:
+                qx = quantize_operand(pad_rows(xin, fi.rows_multiple()), fi)
             # fp32 accumulation always; the GEMM writes the output dtype itself unless fp32 terms follow
             fp32_terms = bias is not None or (residual is not None and recipe.clamp_compensation)
             y = qmatmul(qx, wq.fprop, out_dtype=torch.float32 if fp32_terms else out_dtype)[:T]
@@ -111,16 +141,13 @@ class LowBitLinearFunction(torch.autograd.Function):
         if bias is not None:
             y = y + bias.float()
 
-        wseed = 0
-        wi = recipe.wgrad_input
         if wi is None:
             saved_x = x
-        elif fi is not None and _reuse_transposed(fi, wi) and recipe.activation_clamp_quantile is None:
+        elif xt_q is None and fi is not None and _reuse_transposed(fi, wi) and clamp is None:
             xt_q = qx.t()
-        else:
-            wseed = draw_seed() if (wi.hadamard or recipe.wgrad_grad.rounding == "stochastic") else 0
-            mult = max(wi.reduction_multiple(), recipe.wgrad_grad.reduction_multiple())
-            xt_q = quantize_operand(pad_cols(x.t(), mult), wi, wseed)
+        elif xt_q is None:
+            wseed = _wgrad_seed(recipe)
+            xt_q = quantize_operand(pad_cols(x.t(), _wgrad_pad(recipe)), wi, wseed)
         xt_tensors, ctx.xt_meta = _pack(xt_q)
         wf_tensors, ctx.wf_meta = _pack(wq.fprop)
         wd_tensors, ctx.wd_meta = _pack(wq.dgrad)
@@ -142,26 +169,29 @@ class LowBitLinearFunction(torch.autograd.Function):
         dy = dy.reshape(T, -1)
 
         dx = dw = db = None
-        dg = recipe.dgrad_grad
-        qdy = None
+        dg, wg = recipe.dgrad_grad, recipe.wgrad_grad
+        qdy = qdyt = None
         if ctx.needs_input_grad[0]:
             if dg is None:
                 dx = dy.float() @ weight.float()
             else:
                 seed = draw_seed() if dg.rounding == "stochastic" else 0
-                qdy = quantize_operand(pad_rows(dy, dg.rows_multiple()), dg, seed)
+                if ctx.needs_input_grad[1] and wg is not None and not _reuse_transposed(dg, wg):
+                    # dy along out_features (dgrad) and along tokens (wgrad) in one op
+                    qdy, qdyt = quantize_dual(dy, operand_spec(dg, seed, dg.rows_multiple()),
+                                              operand_spec(wg, ctx.wseed, _wgrad_pad(recipe)))
+                else:
+                    qdy = quantize_operand(pad_rows(dy, dg.rows_multiple()), dg, seed)
                 dx = qmatmul(qdy, wd_q, out_dtype=ctx.x_dtype)[:T]
             dx = dx.to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            wg = recipe.wgrad_grad
             if wg is None:
                 dw = dy.float().t() @ saved_x.float()
             else:
-                if qdy is not None and _reuse_transposed(dg, wg):
+                if qdyt is None and qdy is not None and _reuse_transposed(dg, wg):
                     qdyt = qdy.t()
-                else:
-                    mult = max(wg.reduction_multiple(), recipe.wgrad_input.reduction_multiple())
-                    qdyt = quantize_operand(pad_cols(dy.t(), mult), wg, ctx.wseed)
+                elif qdyt is None:
+                    qdyt = quantize_operand(pad_cols(dy.t(), _wgrad_pad(recipe)), wg, ctx.wseed)
                 dge = recipe.weight_estimator == "dge"  # the DGE factor multiplies in fp32
                 dw = qmatmul(qdyt, xt_q, out_dtype=torch.float32 if dge else weight.dtype)
             if recipe.weight_estimator == "dge":
