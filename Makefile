@@ -9,7 +9,7 @@ DEV_PKGS := setuptools wheel ninja numpy pytest torchao==0.18.0 triton==3.7.1 ma
 TRAIN_PKGS := deepspeed==0.19.8 transformers==5.23.0 tokenizers==0.23.3 omegaconf==2.4.0 tqdm tensorboard rich bitsandbytes==0.50.2
 NATIVE := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cuh' -o -name '*.cu' 2>/dev/null)
 
-.PHONY: all demo test bench cuda-check env clean
+.PHONY: all demo test bench cuda-check gpu-check gpu-wheels env clean
 
 all: test
 
@@ -43,6 +43,16 @@ bench: $(STAMP)
 # Compiles every .cu file for sm_90a and sm_100a against the CUDA build of torch (no GPU needed).
 cuda-check:
 	bash scripts/cuda_check.sh
+
+# On a GPU machine (no network, its own python3 with a CUDA torch): build for the GPU's arch, the cuda
+# and Triton tests, GPU-vs-CPU loss curves per recipe, the bench; at most 8 minutes, output in $OUT or
+# gpu-check-out/ (scripts/gpu_check.sh). DRY=1 runs every stage on CPU at tiny sizes in .venv (CI does).
+gpu-check: $(if $(filter 1 yes true,$(DRY)),$(STAMP))
+	$(if $(filter 1 yes true,$(DRY)),PYTHON=$(PY) bash scripts/gpu_check.sh --dry,bash scripts/gpu_check.sh)
+
+# Here, with network: the wheels the GPU machine lacks, into .gpu-wheels/ (carried with the tree).
+gpu-wheels:
+	bash scripts/gpu_check.sh wheels
 
 clean:
 	rm -rf build lowbit/*.so *.egg-info
