@@ -1,4 +1,4 @@
-"""`lowbit bench SUITE [SUITE ...] [--shapes MODEL ...] [--tokens N] [--backend NAME] [--out DIR] [--quick]`.
+"""`lowbit bench SUITE [SUITE ...] [--shapes MODEL ...] [--tokens N] [--backend NAME] [--out DIR] [--quick | --gpu-quick]`.
 
 Suites are discovered from the modules present in `lowbit/bench/` (see the package docstring);
 a known suite whose module is missing or fails to import is reported as not available.
@@ -21,6 +21,8 @@ from .suite import Context, markdown, run_suite
 # The suites lowbit ships, in the order `all` runs them; other modules with `run` are found too.
 KNOWN = ("quantize", "hadamard", "qmatmul", "linear", "optim", "loss", "train", "attention")
 INFRASTRUCTURE = {"cli", "harness", "shapes", "suite", "__main__"}
+# --gpu-quick: the shapes the GPU targets are stated for (Llama-3-8B MLP, 8192 tokens), timed briefly.
+GPU_QUICK_SHAPES, GPU_QUICK_TOKENS = ("llama-8b",), 8192
 
 
 def discover() -> tuple[dict[str, object], dict[str, str]]:
@@ -58,6 +60,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--out", type=Path, default=None, help="output directory (default bench/results/<machine>/)")
     p.add_argument("--quick", action="store_true", help="small shapes and short timings (seconds per suite)")
+    p.add_argument("--gpu-quick", action="store_true",
+                   help=f"a GPU's target shapes ({GPU_QUICK_SHAPES[0]}, {GPU_QUICK_TOKENS} tokens unless --shapes / "
+                        "--tokens say otherwise) with short timings: what make gpu-check runs")
     p.add_argument("--list", action="store_true", help="list the suites and whether each is available")
     p.add_argument("--markdown", type=Path, metavar="CSV", help="print a results CSV as a markdown table and exit")
     return p
@@ -95,15 +100,23 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("lowbit bench: --device cuda, but torch sees no GPU", file=sys.stderr)
         return 2
+    if args.gpu_quick and (device != "cuda" or args.quick):
+        print("lowbit bench: --gpu-quick times a GPU at its target shapes; on a CPU (or for small shapes) use --quick",
+              file=sys.stderr)
+        return 2
+    if args.gpu_quick:
+        args.shapes = args.shapes or list(GPU_QUICK_SHAPES)
+        args.tokens = args.tokens or GPU_QUICK_TOKENS
     machine = harness.machine_name(device)
     out = harness.results_dir(machine, args.out)
     print(f"lowbit bench on {machine} ({device}, {torch.get_num_threads()} threads); results in {out}", flush=True)
-    tk = dict(warmup=1, min_runs=3 if args.quick else 5, min_time=0.2 if args.quick else 1.0)
-    limits = harness.Limits.measure(device, args.quick, **tk)
+    short = args.quick or args.gpu_quick
+    tk = dict(warmup=1, min_runs=3 if short else 5, min_time=0.2 if short else 1.0)
+    limits = harness.Limits.measure(device, short, **tk)
     print("limits: " + ", ".join(f"{k} {v:.4g}" for k, v in limits.values.items()), flush=True)
     ctx = Context(device=device, machine=machine, backend=args.backend, shapes=list(args.shapes),
                   tokens=args.tokens or (shapes.QUICK_TOKENS if args.quick else shapes.TOKENS), quick=args.quick,
-                  out=out, limits=limits)
+                  out=out, limits=limits, short=args.gpu_quick)
     rc = 0
     for name in wanted:
         if name not in found:

@@ -72,6 +72,7 @@ class Context:
     shapes   model names from --shapes (empty: each suite's default); use `ctx.models(...)`
     tokens   rows M of activations (--tokens; default shapes.TOKENS, or shapes.QUICK_TOKENS with --quick)
     quick    --quick: small shapes and short timings, seconds per suite
+    short    short timings at full shapes (--gpu-quick, whose shapes come in through `shapes`)
     out      output directory (--out, else bench/results/<machine>/ in a checkout)
     limits   the machine's limits, measured once at the start of the run
     """
@@ -84,10 +85,12 @@ class Context:
     out: Path
     limits: Limits
     console: Callable[[str], None] = print
+    short: bool = False
 
     @property
     def timer_kw(self) -> dict:
-        return dict(warmup=1, min_runs=3 if self.quick else 5, min_time=0.2 if self.quick else 1.0)
+        short = self.quick or self.short
+        return dict(warmup=1, min_runs=3 if short else 5, min_time=0.2 if short else 1.0)
 
     def time(self, fn: Callable[[], object], label: str = "", **overrides) -> Timing:
         """`harness.time_fn` with this run's settings (quick or full); keyword overrides win."""
@@ -160,7 +163,7 @@ def record(row: Row, module, ctx: Context, suite: str) -> dict:
 
 
 def stem(suite: str, ctx: Context) -> str:
-    s = suite + ("-quick" if ctx.quick else "")
+    s = suite + ("-quick" if ctx.quick else "-gpu-quick" if ctx.short else "")
     return s + (f"-{ctx.backend}" if ctx.backend else "")
 
 

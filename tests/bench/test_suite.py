@@ -138,3 +138,11 @@ def test_markdown_of_a_results_csv(tmp_path, capsys):
     assert text[0] == "Limits: copy_GB/s 10, fp32_mm_TFLOP/s 0.1."
     assert text[2] == "| case | shape | dtype | p50 ms | rate | of limit | vs torch | vs ghost |"
     assert text[4] == "| a | 4x4 | bfloat16 | 2 | 20 GB/s | 200.0 % | 3.00x | absent |"
+
+
+def test_gpu_quick_is_refused_without_a_gpu(capsys):
+    """--gpu-quick times the GPU targets' shapes; on a CPU it would run for hours, so it is one clear line."""
+    from lowbit.bench import cli
+
+    assert cli.main(["quantize", "--gpu-quick", "--device", "cpu"]) == 2
+    assert "--gpu-quick" in capsys.readouterr().err
