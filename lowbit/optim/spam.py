@@ -1,7 +1,9 @@
 """SPAM: Adam with spike-aware clipping, momentum reset and a warm-up after each reset.
 
 Keeps its moments through `lowbit.optim.state` and skips a tensor whose gradient holds NaN or
-Inf (counted in ``optimizer.stats["nonfinite_skipped"]``).
+Inf (counted in ``optimizer.stats["nonfinite_skipped"]``). Under DeepSpeed ZeRO each flat
+partition counts its own steps, so the reset and warm-up schedule follows training steps however
+many ``step()`` calls DeepSpeed makes per training step (one per ZeRO 3 sub group).
 """
 from __future__ import annotations
 
@@ -65,8 +67,8 @@ class SPAM(LowbitOptimizer):
         return 1.0 - 0.99 * (1.0 + math.cos(math.pi * t / (warmup_steps + 1))) / 2.0
 
     def _step_group(self, group, index):
-        group["global_step"] += 1
-        T = group["global_step"]
+        # a ZeRO flat partition counts its own steps (see `LowbitOptimizer._clock`)
+        T = self._clock(group, self._partitions(group["params"]))
         interval = group["reset_interval"]
         reset = interval is not None and T % interval == 0
         if reset:

@@ -3,9 +3,11 @@
     lowbit report convergence                       # all three arms, CPU defaults (reports/convergence/)
     lowbit report convergence --arms ladder --seeds 5 --steps 400
     lowbit report convergence --smoke               # 5 steps per run on a micro model
+    lowbit report continual [--quick]               # AdamW vs EWC vs CLASSP on tasks in sequence
 
 Modules: `arms` (what each arm runs), `runner` (one run through `lowbit.train`, reused when
 finished), `spikes` (the injected-gradient-spike loop), `sft_tasks` (strong / weak prior tasks),
 `variants` (nvfp4 without RHT / SR), `noise` (seed band and verdicts), `plots`, `convergence`
-(analysis and the markdown report), `cli`.
+(analysis and the markdown report), `cli`; `continual` (the continual-learning harness, EWC) and
+`continual_report` (its command, table and plot).
 """
