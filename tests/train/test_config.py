@@ -48,7 +48,7 @@ def test_bad_config(overrides, message):
 def test_task_specific_errors():
     with pytest.raises(ConfigError, match=r"objective.name: expected one of \['nll', 'neg_p'"):
         load([TINY], ["objective.name=log_p"], task="sft")
-    with pytest.raises(ConfigError, match=r"align.method: expected one of \['dpo', 'kldo'\]"):
+    with pytest.raises(ConfigError, match=r"align.method: expected one of \['dpo', 'kldo', 'kto', 'bco'\]"):
         load([TINY], ["align.method=ipo"], task="align")
 
 
