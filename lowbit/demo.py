@@ -65,7 +65,8 @@ def table(x: torch.Tensor, backend: str | None) -> list[tuple]:
 
 DEMO_OVERRIDES = ["quant.recipe=nvfp4", "optim.name=stable_spam", "optim.lr=3e-3", "optim.warmup_steps=5",
                   "train.steps=40", "train.micro_batch_size=8", "train.eval_every=0", "train.eval_batches=4",
-                  "train.checkpoint_every=0", "run.dir=runs/demo", "run.resume=never"]
+                  "train.checkpoint_every=0", "run.dir=runs/demo", "run.resume=never",
+                  "run.overwrite=true"]
 
 
 def pretrain_demo(extra: list[str]) -> int:

@@ -1,6 +1,6 @@
 """The house plan: layers import only downward, and no two modules import each other in a circle.
 
-formats, bits, machine, launcher (leaves) <- backends <- _ops <- qtensor <- ops <- nn, optim, objectives, attention (side by side)
+formats, bits, machine, launcher, errors (leaves) <- backends <- _ops <- qtensor <- ops <- nn, optim, objectives, attention (side by side)
 <- train <- bench, report, env <- cli <- demo. Function-level imports count too: a lazy import may
 save start-up time, but it must not hide an upward import or a cycle.
 """
@@ -8,7 +8,7 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "lowbit"
-RANK = {"formats": 0, "bits": 0, "machine": 0, "launcher": 0, "backends": 1, "_ops": 2, "qtensor": 3, "ops": 4,
+RANK = {"formats": 0, "bits": 0, "machine": 0, "launcher": 0, "errors": 0, "backends": 1, "_ops": 2, "qtensor": 3, "ops": 4,
         "nn": 5, "optim": 5, "objectives": 5, "attention": 5, "train": 6,
         "bench": 7, "report": 7, "env": 7, "cli": 8, "demo": 9, "__main__": 9}
 

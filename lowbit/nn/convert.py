@@ -14,6 +14,7 @@ import fnmatch
 import logging
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -137,6 +138,9 @@ def convert(model: nn.Module, recipe: str | Recipe, *, skip=None, keep_high_prec
             if is_swiglu_mlp(m) and isinstance(m.down_proj, LowBitLinear) and m.down_proj.recipe.quantizes:
                 _set_submodule(model, name, SmoothSwiGLU(m))
                 summary.smoothed.append(name)
+    if not summary.converted:  # a model without Linear layers, or all of them kept: the recipe does nothing
+        why = f"all {len(linears)} were kept in high precision" if linears else "the model has no nn.Linear / Conv1D"
+        warnings.warn(f"lowbit.nn.convert: recipe {recipe.name} converted no layer: {why}", UserWarning, stacklevel=2)
     model.lowbit_conversion = summary
     return model
 

@@ -239,6 +239,20 @@ def stored_moments(state: dict, param: torch.Tensor, state_dtype: str):
     return tuple(out)
 
 
+def check_state_dict(optimizer: torch.optim.Optimizer, state_dict) -> None:
+    """A state_dict of another optimizer (e.g. AdamW's) would load, then fail at the first step on a
+    hyper-parameter it lacks: refuse it here, naming the missing keys."""
+    name = type(optimizer).__name__
+    if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+        raise ValueError(f"state_dict: expected an optimizer state_dict with 'state' and 'param_groups', got "
+                         f"{sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__}")
+    for i, group in enumerate(state_dict["param_groups"]):
+        missing = sorted(k for k in optimizer.defaults if k not in group)
+        if missing:
+            raise ValueError(f"state_dict: param_groups[{i}] lacks {name}'s keys {missing}; "
+                             f"is it the state of another optimizer?")
+
+
 class ExactStateLoad:
     """Mixin: ``load_state_dict`` keeps the stored dtypes of state tensors.
 
@@ -249,6 +263,7 @@ class ExactStateLoad:
     """
 
     def load_state_dict(self, state_dict):
+        check_state_dict(self, state_dict)
         saved = {pid: {k: v for k, v in st.items() if isinstance(v, torch.Tensor)}
                  for pid, st in state_dict["state"].items()}
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]

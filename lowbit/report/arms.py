@@ -57,7 +57,8 @@ class Settings:
                 f"model.num_heads={self.heads}", f"model.intermediate_size={self.intermediate}",
                 f"data.seq_len={self.seq_len}", f"train.micro_batch_size={self.batch}",
                 f"train.eval_batches={self.eval_batches}", "train.checkpoint_every=0", "train.log_every=1",
-                "run.resume=never", "run.export_hf=false", "run.progress=false", "run.tensorboard=false"]
+                "run.resume=never", "run.overwrite=true", "run.export_hf=false", "run.progress=false",
+                "run.tensorboard=false"]
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import shlex
 import sys
 
 from ..nn.recipe import RECIPE_NAMES
+from ..objectives import parse_objective
 from . import arms as A
 from .convergence import report
 from .spikes import SpikePlan
@@ -21,17 +22,29 @@ def recipe_names() -> list[str]:
     return list(RECIPE_NAMES) + list(VARIANTS)
 
 
+def objective_name(name: str) -> str:
+    """An objective the runs can use as objective.name alone (f_alpha / *_fraction need a value as well)."""
+    try:
+        parse_objective(name)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name
+
+
 def parser() -> argparse.ArgumentParser:
     d = A.Settings()
     p = argparse.ArgumentParser(prog="lowbit report", description="evidence reports; `convergence`: recipe ladder, "
-                                "4-bit optimizer stability and SFT objectives on a tiny model")
-    p.add_argument("report", choices=["convergence"])
+                                "4-bit optimizer stability and SFT objectives on a tiny model; `continual`: "
+                                "forgetting with AdamW, EWC and CLASSP (its own options: lowbit report continual --help)")
+    p.add_argument("report", choices=["convergence", "continual"])
     p.add_argument("--arms", nargs="+", choices=A.ARMS, default=list(A.ARMS))
     p.add_argument("--recipes", nargs="+", default=list(A.LADDER), choices=recipe_names(),
                    help="ladder arm recipes (bf16 is the baseline)")
     p.add_argument("--optimizers", nargs="+", default=list(A.OPTIMIZERS), choices=A.OPTIMIZERS)
-    p.add_argument("--objectives", nargs="+", default=list(A.OBJECTIVES),
-                   choices=["nll", "neg_p", "f_alpha", "threshold", "top_p", "bottom_p"])
+    p.add_argument("--objectives", nargs="+", default=list(A.OBJECTIVES), type=objective_name,
+                   help="SFT objectives that need no hyper-parameter: nll, neg_p, threshold, or the paper's keys "
+                        "original, p, GeneralFamily-<alpha>, OnlyTopP-<q>, OnlyBottomP-<q>, OnlyTopLogP-<q>, "
+                        "OnlyBottomLogP-<q>")
     p.add_argument("--steps", type=int, default=d.steps, help=f"pretraining steps per run (default {d.steps})")
     p.add_argument("--sft-steps", type=int, default=d.sft_steps, help=f"SFT steps per run (default {d.sft_steps})")
     p.add_argument("--seeds", type=int, default=d.baseline_seeds,
@@ -62,6 +75,9 @@ def settings_of(args) -> A.Settings:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["continual"]:  # a report with options of its own
+        from .continual_report import main as continual
+        return continual(argv[1:])
     args = parser().parse_intermixed_args(argv)
     s = settings_of(args)
     work = f"{args.work}/smoke" if args.smoke else args.work

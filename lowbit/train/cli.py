@@ -5,17 +5,28 @@ import argparse
 import sys
 
 from .. import launcher
+from . import safety
 from .config import ConfigError, describe, load
 from .loop import run
 
 TASKS = {
     "pretrain": "pretrain a causal LM (default: ~5M-parameter Llama on the embedded stdlib corpus)",
     "sft": "supervised fine-tuning (JSONL chat / prompt-response data or the built-in synthetic task)",
-    "align": "preference alignment: DPO / f-DPO or KLDO",
+    "align": "alignment: DPO / f-DPO on preference pairs; KLDO, KTO or BCO on labelled prompt / response data",
 }
 SUMMARY_KEYS = ("task", "status", "message", "steps", "recipe", "optimizer", "objective", "engine", "world_size",
                 "parameters", "train_loss", "val_loss", "val_ppl", "val_exact_match", "val_reward_accuracy",
                 "tokens_per_s", "skipped_steps", "loss_spikes", "wall_time_s")
+
+
+OBJECTIVE_HELP = (
+    "shorthand for objective.name: nll, neg_p, f_alpha, threshold, top_fraction, bottom_fraction, the keys of "
+    "the paper's code (original, p, GeneralFamily-<alpha>, OnlyTopP-<q>, OnlyBottomP-<q>, OnlyTopLogP-<q>, "
+    "OnlyBottomLogP-<q>), or auto. auto measures the starting model's mean probability m of the training "
+    "targets (lowbit.objectives.prior_strength) and picks by the model-capability continuum of 'Beyond Log "
+    "Likelihood' (Li et al. 2025, arXiv:2510.00526, Fig. 1): m >= 0.5 (model-strong) -> neg_p (-p); m <= 0.2 "
+    "(model-weak) -> nll; in between -> GeneralFamily-<a>, (1 - p^a) / a with a = (m - 0.2) / 0.3, from NLL "
+    "to -p. The paper places tasks qualitatively; the cut-points 0.5 and 0.2 are lowbit's defaults")
 
 
 def keys_help() -> str:
@@ -31,8 +42,7 @@ def parser(task: str) -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", default=[], metavar="YAML",
                    help="config file (repeatable; later files override earlier ones)")
     if task == "sft":
-        p.add_argument("--objective", default=None,
-                       help="shorthand for objective.name (auto: measure the prior strength and pick)")
+        p.add_argument("--objective", default=None, help=OBJECTIVE_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=100")
     return p
 
@@ -71,6 +81,9 @@ def print_summary(s: dict) -> None:
         v = s.get(k)
         if v is not None:
             print(f"  {k:<20} {v:.4f}" if isinstance(v, float) else f"  {k:<20} {v}")
+    for when in ("initial", "final"):
+        if s.get(f"separation_{when}"):
+            print(f"  {'separation ' + when:<20} {safety.brief(s[f'separation_{when}'])}")
     print(f"  metrics              {s['metrics']}")
     if s.get("tensorboard"):
         print(f"  tensorboard          {s['tensorboard']}")

@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from ..objectives import OBJECTIVES
+from ..errors import UserError
+from ..objectives import OBJECTIVES, PAPER_KEYS, is_objective, parse_objective
 from . import model as model_mod, optim as optim_mod
 
 TASKS = ("pretrain", "sft", "align")
@@ -23,10 +24,10 @@ OPTIMIZERS = ("adamw", "stable_spam", "spam", "classp")
 SCHEDULES = ("cosine", "linear", "constant")
 ENGINES = ("auto", "torch", "deepspeed")
 DTYPES = ("float32", "bfloat16")
-ALIGN_METHODS = ("dpo", "kldo")
+ALIGN_METHODS = ("dpo", "kldo", "kto", "bco")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the key."""
 
 
@@ -71,6 +72,12 @@ class DataConfig:
     vocab_size: int = _f(4096, "vocabulary of the trained BPE tokenizer")
     cache_dir: Optional[str] = _f(None, "where tokenizers and token arrays are cached; null = $LOWBIT_CACHE or ~/.cache/lowbit")
     synthetic_examples: int = _f(4096, "size of the built-in synthetic SFT / preference task (when data.train is null)")
+    chat_template: Optional[str] = _f(None, "sft / align: null = the tokenizer's own chat template, else the built-in "
+                                      "format; builtin; or a Jinja template file (saved with the tokenizer)")
+    packing: bool = _f(False, "sft: pack several examples into each data.seq_len row (positions restart and "
+                       "attention stays within each example)")
+    document_mask: bool = _f(True, "pretrain: positions restart and attention stops at each document (EOS) in "
+                             "a row; false = attend across documents")
 
 
 @dataclass
@@ -90,21 +97,28 @@ class OptimConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = _f("nll", "sft: nll | neg_p | f_alpha | threshold | top_p | bottom_p | auto")
+    name: str = _f("nll", "sft: nll | neg_p | f_alpha | threshold | top_fraction | bottom_fraction | auto, or a key "
+                   "of the paper's code: original | p | GeneralFamily-<alpha> | OnlyTopP-<q> | OnlyBottomP-<q> | "
+                   "OnlyTopLogP-<q> | OnlyBottomLogP-<q> (README, objectives table)")
     alpha: Optional[float] = _f(None, "f_alpha exponent")
     tau: Optional[float] = _f(None, "threshold objective's probability cut")
-    p: Optional[float] = _f(None, "top_p / bottom_p fraction of tokens")
+    fraction: Optional[float] = _f(None, "top_fraction / bottom_fraction: share of the tokens trained on")
     fused: bool = _f(False, "fused LM head + loss (no logits tensor)")
 
 
 @dataclass
 class AlignConfig:
-    method: str = _f("dpo", "dpo (f-DPO) | kldo")
+    method: str = _f("dpo", "dpo (f-DPO, preference pairs) | kldo | kto | bco (labelled prompt / response data)")
     beta: float = _f(0.1, "inverse temperature of the implicit reward")
     divergence: str = _f("reverse_kl", "f-DPO divergence: reverse_kl | forward_kl | js | alpha")
     alpha: Optional[float] = _f(None, "alpha of divergence=alpha")
     label_smoothing: float = _f(0.0, "conservative DPO epsilon")
     reference: Optional[str] = _f(None, "reference model checkpoint; null = the initial policy (model.init_from)")
+    desirable_weight: float = _f(1.0, "kto: weight of the aligned (desirable) examples' losses")
+    undesirable_weight: float = _f(1.0, "kto: weight of the unaligned (undesirable) examples' losses")
+    separation_data: Optional[str] = _f(None, "JSONL of safe / harmful prompts (see lowbit eval --help): the "
+                                        "summary reports their separation before and after alignment")
+    separation_layer: int = _f(-1, "hidden layer the separation is measured at (-1 = last)")
 
 
 @dataclass
@@ -132,7 +146,8 @@ class DistConfig:
 @dataclass
 class RunConfig:
     dir: Optional[str] = _f(None, "run directory; null = runs/<task>-<recipe>")
-    resume: str = _f("auto", "auto (newest complete checkpoint, if any) | never | a checkpoint dir")
+    resume: str = _f("auto", "auto (newest intact checkpoint, if any) | never (start fresh) | a checkpoint dir")
+    overwrite: bool = _f(False, "with run.resume=never: move a run found in run.dir aside to <dir>.old-<time>")
     export_hf: bool = _f(True, "write an HF save_pretrained export + tokenizer at the end")
     progress: bool = _f(True, "tqdm progress bar on rank 0")
     tensorboard: bool = _f(True, "TensorBoard event files in <run dir>/tb")
@@ -280,6 +295,10 @@ def validate(c: Config) -> None:
         p = getattr(d, k)
         if p is not None and not os.path.exists(p):
             e.append(f"data.{k}: no such file or directory {p!r}")
+    if d.chat_template not in (None, "builtin") and not os.path.isfile(d.chat_template):
+        e.append(f"data.chat_template: expected null, builtin or a Jinja template file, got {d.chat_template!r}")
+    if d.packing and c.task == "align":
+        e.append("data.packing: alignment scores each sequence on its own; set data.packing=false")
 
     o = c.optim
     _need(o.name in OPTIMIZERS, "optim.name", f"one of {list(OPTIMIZERS)}", o.name, e)
@@ -299,7 +318,7 @@ def validate(c: Config) -> None:
 
     ob = c.objective
     if c.task == "sft":
-        _need(ob.name in OBJECTIVES + ("auto",), "objective.name", f"one of {list(OBJECTIVES) + ['auto']}", ob.name, e)
+        _validate_objective(ob, e)
     elif ob.name != "nll":
         e.append(f"objective.name: {c.task} trains with nll; objective.name={ob.name!r} is for the sft task")
 
@@ -311,6 +330,13 @@ def validate(c: Config) -> None:
             e.append(f"align.reference: no such checkpoint {a.reference!r}")
         if ob.fused:
             e.append("objective.fused: align computes sequence log-probs from logits; set objective.fused=false")
+        for k in ("desirable_weight", "undesirable_weight"):
+            _need(getattr(a, k) >= 0, f"align.{k}", "a number >= 0", getattr(a, k), e)
+        if a.method == "kto" and c.train.micro_batch_size < 2:
+            e.append("train.micro_batch_size: kto pairs each prompt with another example's response in its "
+                     f"micro-batch, so it needs >= 2, got {c.train.micro_batch_size}")
+        if a.separation_data is not None and not os.path.isfile(a.separation_data):
+            e.append(f"align.separation_data: no such file {a.separation_data!r}")
 
     t = c.train
     for k in ("steps", "micro_batch_size", "log_every", "eval_batches", "keep_checkpoints", "max_bad_steps"):
@@ -335,10 +361,35 @@ def validate(c: Config) -> None:
     r = c.run
     if r.resume not in ("auto", "never") and not os.path.isdir(r.resume):
         e.append(f"run.resume: expected auto, never or an existing checkpoint dir, got {r.resume!r}")
+    if r.overwrite and r.resume != "never":
+        e.append(f"run.overwrite: moves an old run aside to start fresh, which needs run.resume=never (got {r.resume!r})")
 
     _validate_recipe(c, e)
     if e:
         raise ConfigError("invalid config:\n  " + "\n  ".join(e))
+
+
+def _validate_objective(ob: ObjectiveConfig, e: list) -> None:
+    """objective.name: lowbit's names, the authors' keys verbatim, or auto; then its hyper-parameters."""
+    if ob.name == "auto":
+        for k in ("alpha", "tau", "fraction"):
+            if getattr(ob, k) is not None:
+                e.append(f"objective.{k}: objective.name=auto picks a complete objective; leave objective.{k} null")
+        return
+    if not is_objective(ob.name):
+        why = ""
+        try:
+            parse_objective(ob.name)
+        except (TypeError, ValueError) as err:  # e.g. the renamed top_p / bottom_p explain their replacement
+            why = f" ({err})" if "unknown objective" not in str(err) else ""
+        e.append(f"objective.name: expected one of {list(OBJECTIVES) + ['auto']} or a key of the paper's code "
+                 f"({', '.join(PAPER_KEYS)}), got {ob.name!r}{why}")
+        return
+    try:
+        parse_objective(ob.name, alpha=ob.alpha, tau=ob.tau, fraction=ob.fraction)
+    except (TypeError, ValueError) as err:
+        key = next((k for k in ("alpha", "tau", "fraction") if k in str(err)), "name")
+        e.append(f"objective.{key}: {err}")
 
 
 def _validate_recipe(c: Config, e: list) -> None:

@@ -13,13 +13,32 @@ import os
 import sys
 import sysconfig
 
+from ..errors import UserError
+
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 STDLIB_LABEL = f"python{sys.version_info.major}.{sys.version_info.minor} stdlib"
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A missing, unreadable or empty data source."""
+
+
+# Share of undecodable bytes above which a "text" file is refused: real text with a stray Latin-1
+# byte passes, binary data (about half of random bytes are not UTF-8) does not.
+MAX_BAD_BYTES = 0.02
+
+
+def read_text(path: str) -> str:
+    """A UTF-8 text file; stray undecodable bytes become U+FFFD, a file made of them is refused."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    if raw and bad > MAX_BAD_BYTES * len(raw):
+        raise DataError(f"{path}: {bad / len(raw):.0%} of its bytes are not UTF-8 text (binary data?); "
+                        "data.train / data.validation expect UTF-8 text or JSONL")
+    return text
 
 
 def _hash01(key: str) -> float:
@@ -73,8 +92,12 @@ def stdlib_split(val_fraction: float, max_mb: float | None) -> tuple[list[str], 
 
 def jsonl(path: str):
     """(line number, value) for every non-blank line of a JSONL file; bad JSON raises DataError."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
@@ -123,13 +146,11 @@ def read_documents(path: str, key: str = "text", split: str | None = None) -> li
                     if f.endswith(".jsonl"):
                         docs += _read_jsonl(full, key)
                     elif f.endswith(TEXT_SUFFIXES):
-                        with open(full, encoding="utf-8", errors="replace") as fh:
-                            docs.append(fh.read())
+                        docs.append(read_text(full))
     elif path.endswith(".jsonl"):
         docs = _read_jsonl(path, key)
     else:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            docs = [fh.read()]
+        docs = [read_text(path)]
     docs = [t for t in docs if t.strip()]
     if not docs:
         raise DataError(f"{path}: no text found (empty corpus)")

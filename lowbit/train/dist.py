@@ -25,6 +25,7 @@ import torch
 import torch.distributed as tdist
 
 from .. import launcher
+from ..errors import CheckpointError, UserError
 from ..optim import zero
 from .model import clear_weight_caches
 
@@ -62,11 +63,11 @@ def setup(engine: str = "auto", zero_stage: int = 0) -> Env:
     """Ranks, device and (under a launcher, or for DeepSpeed) the process group; `engine` is dist.engine."""
     rank, world, local = launcher.ranks()
     if engine == "deepspeed" and not deepspeed_available():
-        raise RuntimeError("dist.engine: 'deepspeed' was asked for, but DeepSpeed is not installed")
+        raise UserError("dist.engine: 'deepspeed' was asked for, but DeepSpeed is not installed")
     if engine == "auto":
         engine = "deepspeed" if world > 1 and deepspeed_available() else "torch"
     if zero_stage > 0 and engine != "deepspeed":
-        raise RuntimeError(f"dist.zero_stage: ZeRO stage {zero_stage} needs the DeepSpeed engine "
+        raise UserError(f"dist.zero_stage: ZeRO stage {zero_stage} needs the DeepSpeed engine "
                            "(launch with deepspeed/torchrun and DeepSpeed installed, or set dist.engine=deepspeed)")
     device = local_device(local)
     owns = False
@@ -104,6 +105,21 @@ def all_sum(env: Env, *values: float) -> list[float]:
     if env.world > 1:
         tdist.all_reduce(t)
     return t.tolist()
+
+
+def broadcast(env: Env, obj):
+    """Rank 0's `obj` on every rank (a picklable value)."""
+    if env.world == 1:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _first_lines(e: BaseException, n: int = 2) -> str:
+    """The head of a long torch message (load_state_dict lists every mismatched tensor)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return " ".join(lines[:n]) + (f" (+{len(lines) - n} more)" if len(lines) > n else "")
 
 
 def grad_norm(params) -> float:
@@ -169,8 +185,19 @@ class TorchEngine(StepAdapter):
             torch.save(self.optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
 
     def load(self, folder: str, trainer_state: dict) -> None:
-        self.module.load_state_dict(torch.load(os.path.join(folder, "model.pt"), weights_only=True))
-        self.optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
+        from .checkpoint import load_file  # checkpoint imports this module
+
+        for name, target in (("model.pt", self.module), ("optimizer.pt", self.optimizer)):
+            path = os.path.join(folder, name)
+            if name == "optimizer.pt" and not os.path.isfile(path) and os.path.isdir(os.path.join(folder, "deepspeed")):
+                raise CheckpointError(f"{folder}: written by the DeepSpeed engine (deepspeed/, no optimizer.pt); "
+                                      "resume it with dist.engine=deepspeed")
+            state = load_file(path)
+            try:
+                target.load_state_dict(state)
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                what = "model" if name == "model.pt" else "optimizer"
+                raise CheckpointError(f"{path}: does not fit this run's {what}: {_first_lines(e)}") from None
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         clear_weight_caches(self.module)
 

@@ -1,8 +1,10 @@
-"""`lowbit eval --checkpoint DIR`: held-out perplexity and accuracy on the built-in SFT task.
+"""`lowbit eval --checkpoint DIR`: held-out perplexity and accuracy on the built-in SFT task, or with
+``--separation DATA.jsonl`` the separation of safe and harmful prompts in the model's hidden states.
 
 The model is rebuilt from the checkpoint (its own config and recipe; an HF export runs unquantized),
 evaluated on the validation split of its pretraining data (the embedded corpus unless the config
-names other files) and on the held-out examples of the built-in synthetic task.
+names other files) and on the held-out examples of the built-in synthetic task, encoded with the
+model's chat template when its tokenizer has one.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import sys
 
 from ..attention import apply_seer, measured_density
 from . import config as cfgmod
-from . import corpus, data as data_mod, dist as D, evaluate, model as model_mod, pretrained, sft_data
+from . import corpus, data as data_mod, dist as D, evaluate, model as model_mod, pretrained, safety, sft_data
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,6 +29,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gates", default=None, help="gate weights for --attention seer")
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--density", type=float, default=None)
+    p.add_argument("--separation", default=None, metavar="DATA.jsonl",
+                   help="instead: separation of safe and harmful prompts (KLDO paper's metric). DATA.jsonl: "
+                        + safety.FORMAT.replace("%", "%%"))
+    p.add_argument("--layer", type=int, default=-1, help="hidden layer for --separation (default -1, the last; "
+                   "0 = the embeddings)")
     p.add_argument("--output", default=None, help="also write the results as JSON here")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="data.* overrides of the checkpoint's config")
     return p
@@ -35,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = parser().parse_intermixed_args(argv)
     try:
-        res = evaluate_checkpoint(args)
+        res = separation_of_checkpoint(args) if args.separation else evaluate_checkpoint(args)
     except (FileNotFoundError, ValueError) as e:
         print(f"lowbit eval: {e}", file=sys.stderr)
         return 2
@@ -45,6 +52,17 @@ def main(argv: list[str]) -> int:
         with open(args.output, "w") as f:
             json.dump(res, f, indent=2)
     return 0
+
+
+def separation_of_checkpoint(args) -> dict:
+    """`safety.measure` of the checkpoint's model (with its recipe, as it was trained) on args.separation."""
+    kind, where = pretrained.resolve(args.checkpoint)
+    model, tok = pretrained.load(where)
+    if kind == "lowbit":
+        model_mod.apply_recipe(model, pretrained.checkpoint_config(where))
+    model.to(D.local_device())
+    res = safety.measure(model, tok, args.separation, args.layer)
+    return {"checkpoint": where, **res}
 
 
 def evaluate_checkpoint(args) -> dict:
@@ -73,10 +91,14 @@ def evaluate_checkpoint(args) -> dict:
     if cfg.task != "pretrain":  # SFT / preference files are not a perplexity corpus: use the embedded one
         pdata.train = pdata.validation = None
     _, val_docs, source = corpus.pretrain_documents(pdata)
-    val = data_mod.Packed(data_mod.tokenize_stream(tok, val_docs), cfg.data.seq_len)
+    eos = tok.eos_token_id if cfg.data.document_mask else None  # documents kept apart as in training
+    val = data_mod.Packed(data_mod.tokenize_stream(tok, val_docs), cfg.data.seq_len, eos)
     lm = evaluate.language_model(model, val, **kw)
     _, held_out = sft_data.split_synthetic(cfg.data.synthetic_examples, cfg.train.seed)
-    task = sft_data.Examples([sft_data.encode_chat(tok, [("user", p), ("assistant", r)], cfg.data.seq_len)
+    # a data.chat_template file was saved into the checkpoint's tokenizer: only "builtin" needs the config
+    template = sft_data.resolve_template(tok, "builtin" if cfg.data.chat_template == "builtin" else None)
+    chat = sft_data.ChatEncoder(tok, template)
+    task = sft_data.Examples([sft_data.encode_chat(tok, [("user", p), ("assistant", r)], cfg.data.seq_len, chat)
                               for p, r in held_out])
     sft = evaluate.language_model(model, task, batches=len(task), batch_size=args.batch_size, env=env)
     res = {"checkpoint": where, "recipe": cfg.quant.recipe if kind == "lowbit" else "none (HF export)",

@@ -10,7 +10,7 @@ import math
 import torch
 
 from . import dist as D
-from .data import collate
+from .data import collate, model_inputs
 
 IGNORE = -100
 
@@ -48,7 +48,7 @@ def _language_model(model, dataset, batches: int, batch_size: int, env: D.Env) -
     try:
         for b in _batches(dataset, batches, batch_size, env):
             ids, target = b["input_ids"].to(env.device), b["labels"][:, 1:].to(env.device)
-            logits = model(input_ids=ids).logits[:, :-1].float()
+            logits = model(**model_inputs(b, env.device)).logits[:, :-1].float()
             valid = target != IGNORE
             logp = torch.log_softmax(logits, -1)
             safe = torch.where(valid, target, torch.zeros_like(target))

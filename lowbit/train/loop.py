@@ -24,7 +24,7 @@ from . import checkpoint as C
 from . import config as cfgmod
 from . import data as data_mod
 from . import dist as D
-from . import evaluate, losses, model as model_mod, optim as optim_mod, pretrained, sft_data
+from . import evaluate, losses, model as model_mod, optim as optim_mod, pretrained, rundir, safety, sft_data
 from .metrics import Logger
 
 
@@ -51,7 +51,7 @@ def prepare(cfg):
     if model is None:
         model = model_mod.build(cfg, len(tok), pretrained.special_ids(tok))
     else:
-        model_mod.apply_recipe(model, cfg)
+        model_mod.prepare_loaded(model, cfg)
     return model, tok, train_set, val_set, source
 
 
@@ -70,15 +70,17 @@ def resolve_auto_objective(cfg, model, train_set, say) -> None:
     n = min(len(train_set), 8 * cfg.train.micro_batch_size)
     batches = [data_mod.collate([train_set[i] for i in range(j, min(n, j + cfg.train.micro_batch_size))])
                for j in range(0, n, cfg.train.micro_batch_size)]
-    result = prior_strength(model, batches)
-    say(f"objective auto: {result}")
+    result = prior_strength(model, [{**data_mod.model_inputs(b), "labels": b["labels"]} for b in batches])
+    say(f"objective auto: mean target probability {result.mean_prob:.4g} over {result.num_tokens} tokens "
+        f"({result.regime} prior) -> recommended objective {result.recommended_objective}: {result.explanation}")
     cfg.objective.name = result.recommended_objective
 
 
 def preference_objective(cfg, model, env) -> losses.Preference | None:
-    """align: DPO / KLDO against a frozen reference (align.reference, else a copy of the initial policy)."""
+    """align: DPO / KLDO / KTO / BCO against a frozen reference (align.reference, else a copy of the initial policy)."""
     if cfg.task != "align":
         return None
+    model_mod.disable_dropout(model)
     if not cfg.align.reference:
         return losses.Preference(cfg, copy.deepcopy(model))
     reference, _ = pretrained.load(cfg.align.reference)
@@ -141,6 +143,16 @@ def _run(cfg, env: D.Env) -> dict:
     if cfg.objective.fused and env.engine == "torch" and env.world > 1:
         raise cfgmod.ConfigError("objective.fused: the fused LM head bypasses DDP's forward (no gradient sync); "
                                  "use the DeepSpeed engine or objective.fused=false")
+    lock, ckpt = rundir.claim(cfg, run_dir, env)  # before any work: the run dir is this run's, checks passed
+    try:
+        return _train(cfg, env, run_dir, ckpt, (mbs, gbs, accum), wall0)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg, env: D.Env, run_dir: str, ckpt: str | None, batches: tuple[int, int, int], wall0: float) -> dict:
+    mbs, gbs, accum = batches
     for turn in (0, 1):  # rank 0 builds the tokenizer / token caches first, the others then read them
         if (turn == 0) == env.main:
             model, tok, train_set, val_set, source = prepare(cfg)
@@ -150,15 +162,16 @@ def _run(cfg, env: D.Env) -> dict:
         resolve_auto_objective(cfg, model, train_set, say)
     model.to(env.device)
     pref = preference_objective(cfg, model, env)
+    separation = {"initial": safety.for_run(model, tok, cfg, "initial", say)}
     n_params = model_mod.count_parameters(model)
     conversion = getattr(model, "lowbit_conversion", None)
     optimizer = optim_mod.build(model.parameters(), cfg)
     engine = D.engine(model, optimizer, optim_mod.scheduler(optimizer, cfg), cfg, env, mbs, accum)
     config_yaml = cfgmod.to_yaml(cfg)
+    rundir.on_main(env, lambda: rundir.check_disk(run_dir, model, cfg))
 
     # ---- resume -----------------------------------------------------------------------------
     start, state = 0, {}
-    ckpt = None if cfg.run.resume == "never" else (C.latest(run_dir) if cfg.run.resume == "auto" else cfg.run.resume)
     if ckpt is not None:
         state = C.restore(ckpt, env=env, engine=engine)
         start = int(state["step"])
@@ -238,6 +251,7 @@ def _run(cfg, env: D.Env) -> dict:
     # ---- finish -----------------------------------------------------------------------------
     last_eval = do_eval(final_step)
     final_ckpt = do_checkpoint(final_step)
+    separation["final"] = safety.for_run(engine.model, tok, cfg, "final", say)
     hf_dir = None
     if cfg.run.export_hf:
         sd = engine.model_state()
@@ -259,6 +273,7 @@ def _run(cfg, env: D.Env) -> dict:
         "run_dir": os.path.abspath(run_dir), "metrics": os.path.abspath(log.path),
         "tensorboard": os.path.abspath(os.path.join(run_dir, "tb")) if cfg.run.tensorboard else None,
         "checkpoint": os.path.abspath(final_ckpt), "hf_export": os.path.abspath(hf_dir) if hf_dir else None,
+        **{f"separation_{k}": v for k, v in separation.items() if v is not None},
     }
     if env.main:
         with open(os.path.join(run_dir, "summary.json"), "w") as f:

@@ -1,9 +1,11 @@
-"""The model: a `transformers` Llama built from the config, converted with `lowbit.nn.convert`."""
+"""The model: a `transformers` Llama built from the config, or any HF causal LM loaded by model.init_from
+(Llama, Qwen2/3, Mistral, GPT-2's Conv1D layers, ...), converted with `lowbit.nn.convert`."""
 from __future__ import annotations
 
 import torch
 
 from .. import nn as lnn
+from ..errors import UserError
 
 NO_QUANT = "bf16"  # the recipe that leaves nn.Linear alone (fp32 on CPU, bf16 under autocast)
 
@@ -47,6 +49,26 @@ def build(cfg, vocab_size: int, special: dict) -> torch.nn.Module:
     model = LlamaForCausalLM(hf_cfg)
     model.to(dtype=getattr(torch, m.dtype))
     return apply_recipe(model, cfg)
+
+
+def prepare_loaded(model: torch.nn.Module, cfg) -> torch.nn.Module:
+    """A model loaded by model.init_from, made this run's: parameter dtype, context length, recipe."""
+    model.to(dtype=getattr(torch, cfg.model.dtype))
+    limit = getattr(model.config, "n_positions", None)  # learned absolute positions (GPT-2 family)
+    if limit is not None and cfg.data.seq_len > limit:
+        raise UserError(f"data.seq_len: {cfg.data.seq_len} exceeds the {limit} positions of the model in "
+                        f"model.init_from; set data.seq_len <= {limit}")
+    return apply_recipe(model, cfg)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off (as TRL's DPO / KTO / BCO trainers default to): the policy and the reference must score a
+    sequence alike, or the implicit reward is noise at the first step already."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0  # Llama-family attention keeps its rate as a plain float
 
 
 def apply_recipe(model: torch.nn.Module, cfg) -> torch.nn.Module:

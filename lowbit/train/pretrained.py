@@ -1,13 +1,12 @@
 """Loading a trained model back: a run dir, a lowbit checkpoint dir, or an HF export dir.
 
-lowbit checkpoints are read with ``torch.load(weights_only=True)``; the architecture comes from the
-checkpoint's own config.yaml, the tokenizer from its tokenizer/ folder.
+Files are read through `checkpoint.load_file` / `checkpoint.load_hf` (``torch.load(weights_only=True)``,
+errors name the file); the architecture comes from the checkpoint's own config.yaml, the tokenizer
+from its tokenizer/ folder.
 """
 from __future__ import annotations
 
 import os
-
-import torch
 
 from . import checkpoint as C
 from . import config as cfgmod, corpus, tokenizer as tk
@@ -25,7 +24,7 @@ def resolve(path: str) -> tuple[str, str]:
     newest = C.latest(path)
     if newest is not None:
         return "lowbit", newest
-    raise FileNotFoundError(f"{path!r} holds no complete lowbit checkpoint (checkpoints/step_*/trainer.pt), "
+    raise FileNotFoundError(f"{path!r} holds no complete lowbit checkpoint (checkpoints/step_*/MANIFEST.json), "
                             "no model.pt + trainer.pt and no HF config.json")
 
 
@@ -37,25 +36,44 @@ def load(path: str, *, need_tokenizer: bool = True):
     """(unconverted HF model with the trained weights, tokenizer). The caller applies its own recipe.
 
     With ``need_tokenizer=False`` an HF export without a tokenizer loads with tokenizer None."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # optional and slow to import: only when loading
+    from transformers import AutoTokenizer  # optional and slow to import: only when loading
 
     kind, where = resolve(path)
     if kind == "hf":
-        model = AutoModelForCausalLM.from_pretrained(where, local_files_only=True)
-        try:
-            tok = AutoTokenizer.from_pretrained(where, local_files_only=True)
-        except Exception:  # an export without a tokenizer (e.g. the random base model of a seer smoke run)
-            if need_tokenizer:
-                raise
-            tok = None
+        model, tok = C.load_hf(where, need_tokenizer)
+        if tok is not None and tok.pad_token is None and tok.eos_token is not None:
+            tok.pad_token = tok.eos_token  # GPT-2-style tokenizers have none; padding carries label -100 anyway
         return model, tok
     saved = checkpoint_config(where)
     saved.quant.recipe, saved.quant.smooth_swiglu = "bf16", False
     tok = AutoTokenizer.from_pretrained(os.path.join(where, "tokenizer"), local_files_only=True)
-    model = build(saved, len(tok), special_ids(tok))
-    sd = torch.load(os.path.join(where, "model.pt"), weights_only=True)
-    model.load_state_dict(sd)
+    model = _skeleton(where, saved, tok)
+    model.load_state_dict(C.load_file(os.path.join(where, "model.pt")))
     return model, tok
+
+
+def _skeleton(ckpt: str, saved: cfgmod.Config, tok):
+    """An untrained model of the checkpoint's architecture. The run that built the model from scratch holds
+    it (lowbit's Llama, by its model.* keys); a run started from an HF model has that model's config.json,
+    found by following model.init_from through earlier runs, else in the run's own hf/ export."""
+    from transformers import AutoConfig, AutoModelForCausalLM  # optional and slow to import: only when loading
+
+    src, hops, root = saved.model.init_from, 0, saved
+    while src and hops < 32:
+        hops += 1
+        if not os.path.exists(src):
+            export = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt))), "hf")
+            if os.path.isfile(os.path.join(export, "config.json")):
+                src = export
+                continue
+            break  # the source is gone: assume lowbit's Llama, as the checkpoint's model.* keys describe
+        kind, where = resolve(src)
+        if kind == "hf":
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(where, local_files_only=True))
+        root = checkpoint_config(where)
+        src = root.model.init_from
+    root.quant.recipe, root.quant.smooth_swiglu = "bf16", False
+    return build(root, len(tok), special_ids(tok))
 
 
 def special_ids(tok) -> dict:

@@ -12,6 +12,8 @@ import os
 import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from ..errors import UserError
+
 SPECIAL = {"eos": "<|endoftext|>", "pad": "<|pad|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 
 
@@ -51,12 +53,17 @@ def load_user(path: str):
     """A tokenizer.json file or a local HF tokenizer directory, as a PreTrainedTokenizerFast."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast  # optional and slow to import
 
-    if os.path.isfile(path):
-        tok = PreTrainedTokenizerFast(tokenizer_file=path)
-    else:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        if os.path.isfile(path):
+            tok = PreTrainedTokenizerFast(tokenizer_file=path)
+        else:
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # tokenizers / transformers raise many types for a missing or garbled file
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"data.tokenizer: cannot load {path!r} ({first[:200]}); expected a tokenizer.json "
+                        "or a local Hugging Face tokenizer directory") from None
     if tok.eos_token is None:
-        raise ValueError(f"data.tokenizer: {path!r} defines no eos token (needed to separate packed documents)")
+        raise UserError(f"data.tokenizer: {path!r} defines no eos token (needed to separate packed documents)")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     missing = [t for t in (SPECIAL["user"], SPECIAL["assistant"]) if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]

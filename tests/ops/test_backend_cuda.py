@@ -209,7 +209,8 @@ def test_quantize_shapes_bit_exact(shape, fmt, block):
 def test_nvfp4_global_amax_bit_exact(global_amax, block):
     x = _inputs((64, 128), torch.float32, seed=11, specials=False)
     for rounding in ("nearest", "stochastic"):
-        kw = dict(block=block, rounding=rounding, seed=1, global_amax=global_amax)
+        # as a tensor: a non-positive or non-finite Python number is refused
+        kw = dict(block=block, rounding=rounding, seed=1, global_amax=torch.tensor(global_amax))
         assert_same_qtensor(lowbit.quantize(x, "nvfp4", backend="cuda", **kw),
                             lowbit.quantize(x, "nvfp4", backend="ref", **kw), f"nvfp4 {block} amax={global_amax}")
 

@@ -351,8 +351,9 @@ def test_nvfp4_global_amax_matches_ref(global_amax, rounding):
     # below the true amax: block scales saturate at 448 and elements at 6; 0: s_enc = 1; Inf: s_enc = 0
     x = _arrange(_matrix(9), -1)
     for block in ((1, 16), (16, 16)):
+        # as a tensor: a non-positive or non-finite Python number is refused
         _check_quantize(x, "nvfp4", what=f"global_amax {global_amax} {block}", block=block, rounding=rounding,
-                        seed=1, global_amax=global_amax)
+                        seed=1, global_amax=torch.tensor(global_amax))
 
 
 def _special_matrix() -> torch.Tensor:
