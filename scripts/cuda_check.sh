@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Compile-checks the CUDA extension without a GPU: every csrc/cuda/*.cu with nvcc -c for each
-# target architecture (default sm_90a and sm_100a, as setup.py builds), every csrc/cuda/*.cpp
-# with the host compiler, then links lowbit._C_cuda, imports it and compares its enum codes with
-# lowbit/backends/codes.py (no device is touched).
-# Flags are setup.py's (-O3, --expt-relaxed-constexpr, -gencode per arch) plus the ones
-# torch.utils.cpp_extension adds; the C++ standard is the one the installed torch requires.
+# Compile-checks the CUDA extension without a GPU: every csrc/cuda/*.cu with one nvcc -c for all
+# target architectures (setup.py's cuda_targets: by default sm_80, sm_89, sm_90a, sm_100a and
+# sm_120a, plus PTX of compute_80), every csrc/cuda/*.cpp with the host compiler, then links
+# lowbit._C_cuda, imports it and compares its enum codes with lowbit/backends/codes.py and its
+# recorded targets with the ones compiled (no device is touched).
+# Flags are setup.py's (-O3, --expt-relaxed-constexpr, the -gencode list, the recorded targets)
+# plus the ones torch.utils.cpp_extension adds; the C++ standard is the one the installed torch
+# requires. nvcc compiles the targets of one file in parallel (--threads), the files run JOBS at a time.
 #
-# Environment: LOWBIT_CUDA_ARCHS ("90a;100a"), CUDA_HOME (/usr/local/cuda), JOBS (nproc),
-# CUDA_CHECK_VENV (.venv-cuda), CUDA_CHECK_TORCH (torch==2.14.1), CUDA_CHECK_LINK (1; 0 skips
-# the link and import step), CUDA_CHECK_SO (a path: keep the linked module there).
+# Environment: LOWBIT_CUDA_ARCHS ("80;90a") or TORCH_CUDA_ARCH_LIST ("8.0;9.0a"), as for setup.py
+# (visible GPUs are not looked at: the check covers the default list), CUDA_HOME (/usr/local/cuda),
+# JOBS (nproc), CUDA_CHECK_VENV (.venv-cuda), CUDA_CHECK_TORCH (torch==2.14.1), CUDA_CHECK_LINK
+# (1; 0 skips the link and import step), CUDA_CHECK_SO (a path: keep the linked module there).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,7 +19,6 @@ cd "$ROOT"
 
 VENV="${CUDA_CHECK_VENV:-.venv-cuda}"
 TORCH_SPEC="${CUDA_CHECK_TORCH:-torch==2.14.1}"
-ARCHS="${LOWBIT_CUDA_ARCHS:-90a;100a}"
 JOBS="${JOBS:-$(nproc 2>/dev/null || echo 2)}"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 NVCC="$CUDA_HOME/bin/nvcc"
@@ -40,12 +42,18 @@ fi
 
 # Flags, include paths and libraries exactly as torch.utils.cpp_extension builds a CUDAExtension.
 FLAGS_FILE="$(mktemp)"
-"$PY" - "$ROOT" > "$FLAGS_FILE" <<'EOF'
+"$PY" - "$ROOT" "$NVCC" > "$FLAGS_FILE" <<'EOF'
 import glob, os, sys, sysconfig
 import torch
 from torch.utils import cpp_extension as ce
 
 root = sys.argv[1]
+sys.path.insert(0, root)
+import setup  # the arch list and flags setup.py builds with
+
+sass, ptx = setup.cuda_targets(os.environ, [], setup.nvcc_archs(sys.argv[2]))
+print("GENCODE=(" + " ".join(setup.gencode_flags(sass, ptx)) + ")")
+print("ARCHS=" + setup.recorded_archs(sass, ptx))
 site = os.path.dirname(os.path.dirname(torch.__file__))
 # Headers the CUDA wheels of torch carry (cuBLAS & co.) but a bare nvcc install may lack.
 wheel_inc = sorted(d for d in glob.glob(os.path.join(site, "nvidia", "*", "include"))
@@ -68,12 +76,6 @@ EOF
 source "$FLAGS_FILE"
 rm -f "$FLAGS_FILE"
 
-GENCODE=()
-IFS=';' read -ra ARCH_LIST <<< "$ARCHS"
-for a in "${ARCH_LIST[@]}"; do
-    [ -n "$a" ] && GENCODE+=("-gencode=arch=compute_${a},code=sm_${a}")
-done
-
 shopt -s nullglob
 CU=(csrc/cuda/*.cu)
 CPP=(csrc/cuda/*.cpp)
@@ -89,11 +91,12 @@ compile_one() {  # $1 = source; writes $OBJ/<name>.o and $OBJ/<name>.log, return
     local src="$1" name
     name="$(basename "$src")"
     if [[ "$src" == *.cu ]]; then
-        "$NVCC" -c "$src" -o "$OBJ/$name.o" -O3 "-std=$STD" --expt-relaxed-constexpr "${GENCODE[@]}" \
+        "$NVCC" -c "$src" -o "$OBJ/$name.o" -O3 "-std=$STD" --expt-relaxed-constexpr "${GENCODE[@]}" --threads 0 \
             "${NVCC_COMMON[@]}" -Xcompiler -fPIC -Xcompiler -Wall "${INCS[@]}" "${AFTER[@]}" \
             > "$OBJ/$name.log" 2>&1
     else
-        c++ -c "$src" -o "$OBJ/$name.o" -O3 "-std=$STD" -fPIC -Wall "${CXX_COMMON[@]}" "${INCS[@]}" "${AFTER[@]}" \
+        c++ -c "$src" -o "$OBJ/$name.o" -O3 "-std=$STD" -fPIC -Wall "-DLOWBIT_CUDA_ARCHS=$ARCHS" "${CXX_COMMON[@]}" \
+            "${INCS[@]}" "${AFTER[@]}" \
             > "$OBJ/$name.log" 2>&1
     fi
 }
@@ -133,7 +136,7 @@ if [ "${CUDA_CHECK_LINK:-1}" = "1" ]; then
     fi
     # Loads the module (every symbol resolved, the bindings registered) on this GPU-less machine,
     # and checks that its enum codes are those of lowbit/backends/codes.py.
-    if ! "$PY" - "$so" lowbit/backends/codes.py > "$OBJ/import.log" 2>&1 <<'EOF'
+    if ! "$PY" - "$so" lowbit/backends/codes.py "$ARCHS" > "$OBJ/import.log" 2>&1 <<'EOF'
 import importlib.util, sys
 import torch  # noqa: F401  (loads libc10 / libtorch first, as lowbit does)
 
@@ -144,12 +147,14 @@ def load(name, path):
     return mod
 
 mod = load("lowbit._C_cuda", sys.argv[1])
-missing = [f for f in ("quantize", "dequantize", "cast", "hadamard", "codes") if not hasattr(mod, f)]
+missing = [f for f in ("quantize", "dequantize", "cast", "hadamard", "codes", "archs") if not hasattr(mod, f)]
 if missing:
     sys.exit(f"lowbit._C_cuda lacks {missing}")
 if mod.codes() != load("lowbit_codes", sys.argv[2]).TABLES:
     sys.exit(f"lowbit._C_cuda.codes() differs from lowbit/backends/codes.py: {mod.codes()}")
-print("functions:", ", ".join(sorted(n for n in dir(mod) if not n.startswith("_"))))
+if mod.archs() != sys.argv[3]:
+    sys.exit(f"lowbit._C_cuda.archs() is {mod.archs()!r}, compiled for {sys.argv[3]!r}")
+print("archs:", mod.archs(), "functions:", ", ".join(sorted(n for n in dir(mod) if not n.startswith("_"))))
 EOF
     then
         echo "  FAIL  import"; sed 's/^/        /' "$OBJ/import.log"; exit 1

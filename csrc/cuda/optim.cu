@@ -1,5 +1,7 @@
 // Stable-SPAM step kernels for CUDA: per-tensor statistics and the fused elementwise update over lists
-// of tensors (one launch per list: a table of (tensor, chunk) work items on the device). Bit-exact with
+// of tensors (one launch per list: a table of (tensor, chunk) work items on the device; for the update
+// it depends only on the tensor sizes, so the caller builds it once per layout, optim_step_layout, and
+// each step uploads only the per-tensor pointers and scalars, without waiting for the GPU). Bit-exact with
 // the spec in lowbit/optim/kernels.py: fp32 and fp64 operations through the _rn intrinsics (never
 // contracted into FMAs), correctly rounded sqrt and division, and sum g^2 over the spec's tree: 16
 // lanes; per lane an adjacent pairwise tree over rows, computed as aligned subtrees (a thread's 256
@@ -166,12 +168,15 @@ void check_f32(const at::Tensor& t, const at::Tensor& first, const char* what) {
   TORCH_CHECK(t.is_contiguous(), what, ": expected contiguous tensors");
 }
 
-// A host table of POD items copied to the device in one transfer (bytes of a uint8 tensor).
+// A host table of POD items copied to the device in one transfer (bytes of a uint8 tensor). Staged in
+// pinned memory and copied without blocking, so the host does not wait for the GPU; the caching host
+// allocator keeps the staging buffer until the copy has run.
 template <class T>
 at::Tensor to_device(const std::vector<T>& v, const at::Device& dev) {
-  at::Tensor host = at::empty({static_cast<int64_t>(v.size() * sizeof(T))}, at::kByte);
+  at::Tensor host = at::empty({static_cast<int64_t>(v.size() * sizeof(T))},
+                              at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   if (!v.empty()) std::memcpy(host.data_ptr(), v.data(), v.size() * sizeof(T));
-  return host.to(dev);
+  return host.to(at::TensorOptions().device(dev), /*non_blocking=*/true);
 }
 
 template <bool kClip>
@@ -220,19 +225,29 @@ at::Tensor clip_stats(const std::vector<at::Tensor>& grads, const std::vector<do
   return stats_impl<true>(grads, mh, r);
 }
 
-struct StepItem {
+// Block b of the step kernel updates elements [chunk * kStepChunk, +kStepChunk) of tensor `tensor`.
+struct StepChunk {
+  int32_t tensor, chunk;
+};
+
+// One tensor's pointers and scalars for one step.
+struct StepArgs {
   float* p;
   const float* g;
   float* m;
   float* v;
-  int64_t begin, end;
+  int64_t numel;
   int clip, zero;
   float mh, r, f, b1, omb1, b2, omb2, inv_sbc2, eps, decay, step;
 };
 
-__global__ void adam_step_kernel(const StepItem* items) {
-  const StepItem s = items[blockIdx.x];
-  for (int64_t i = s.begin + threadIdx.x; i < s.end; i += blockDim.x) {
+__global__ void adam_step_kernel(const StepChunk* chunks, const StepArgs* args) {
+  const StepChunk c = chunks[blockIdx.x];
+  const StepArgs s = args[c.tensor];
+  const int64_t begin = static_cast<int64_t>(c.chunk) * kStepChunk;
+  // a table built for other sizes never writes out of bounds
+  const int64_t end = begin + kStepChunk < s.numel ? begin + kStepChunk : s.numel;
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     float x = s.g[i];
     if (s.clip) x = fabsf(x) > s.mh ? __fmul_rn(x, s.r) : x;
     x = __fmul_rn(x, s.f);
@@ -247,19 +262,39 @@ __global__ void adam_step_kernel(const StepItem* items) {
   }
 }
 
+std::vector<StepChunk> step_chunks(const std::vector<int64_t>& numels) {
+  std::vector<StepChunk> chunks;
+  for (size_t t = 0; t < numels.size(); ++t) {
+    TORCH_CHECK(numels[t] >= 0, "numels: expected sizes >= 0, got ", numels[t]);
+    for (int64_t b = 0; b < numels[t]; b += kStepChunk)
+      chunks.push_back({static_cast<int32_t>(t), static_cast<int32_t>(b / kStepChunk)});
+  }
+  return chunks;
+}
+
+// The work table of optim_adam_step for tensors of these sizes, on the device of `like`.
+at::Tensor step_layout(const std::vector<int64_t>& numels, const at::Tensor& like) {
+  TORCH_CHECK(like.is_cuda(), "like: expected a CUDA tensor, got one on ", like.device());
+  const c10::cuda::CUDAGuard guard(like.device());
+  return to_device(step_chunks(numels), like.device());
+}
+
 void adam_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-               const std::vector<at::Tensor>& ms, const std::vector<at::Tensor>& vs, const at::Tensor& scalars) {
+               const std::vector<at::Tensor>& ms, const std::vector<at::Tensor>& vs, const at::Tensor& scalars,
+               const c10::optional<at::Tensor>& layout) {
   const int64_t nt = static_cast<int64_t>(params.size());
   TORCH_CHECK(nt > 0, "params: expected at least one tensor");
   TORCH_CHECK(grads.size() == params.size() && ms.size() == params.size() && vs.size() == params.size(),
               "params, grads, ms, vs: expected lists of the same length");
-  const at::Tensor sc = scalars.to(at::kCPU).contiguous();
+  TORCH_CHECK(!scalars.is_cuda(), "scalars: expected a CPU tensor (reading a CUDA one would wait for the GPU)");
+  const at::Tensor sc = scalars.contiguous();
   TORCH_CHECK(sc.scalar_type() == at::kDouble && sc.dim() == 2 && sc.size(0) == nt && sc.size(1) == 13,
               "scalars: expected an [n, 13] fp64 tensor");
   const double* row = sc.data_ptr<double>();
   const at::Device dev = params[0].device();
   const c10::cuda::CUDAGuard guard(dev);
-  std::vector<StepItem> items;
+  std::vector<StepArgs> args;
+  int64_t n_chunks = 0;
   for (int64_t t = 0; t < nt; ++t, row += 13) {
     check_f32(params[t], params[0], "params");
     check_f32(grads[t], params[0], "grads");
@@ -268,18 +303,29 @@ void adam_step(const std::vector<at::Tensor>& params, const std::vector<at::Tens
     const int64_t n = params[t].numel();
     TORCH_CHECK(grads[t].numel() == n && ms[t].numel() == n && vs[t].numel() == n,
                 "params, grads, ms, vs: tensor ", t, " differs in size");
-    for (int64_t b = 0; b < n; b += kStepChunk)
-      items.push_back({params[t].data_ptr<float>(), grads[t].data_ptr<float>(), ms[t].data_ptr<float>(),
-                       vs[t].data_ptr<float>(), b, std::min(n, b + kStepChunk), row[0] != 0.0, row[12] != 0.0,
-                       static_cast<float>(row[1]), static_cast<float>(row[2]), static_cast<float>(row[3]),
-                       static_cast<float>(row[4]), static_cast<float>(row[5]), static_cast<float>(row[6]),
-                       static_cast<float>(row[7]), static_cast<float>(row[8]), static_cast<float>(row[9]),
-                       static_cast<float>(row[10]), static_cast<float>(row[11])});
+    n_chunks += (n + kStepChunk - 1) / kStepChunk;
+    args.push_back({params[t].data_ptr<float>(), grads[t].data_ptr<float>(), ms[t].data_ptr<float>(),
+                    vs[t].data_ptr<float>(), n, row[0] != 0.0, row[12] != 0.0, static_cast<float>(row[1]),
+                    static_cast<float>(row[2]), static_cast<float>(row[3]), static_cast<float>(row[4]),
+                    static_cast<float>(row[5]), static_cast<float>(row[6]), static_cast<float>(row[7]),
+                    static_cast<float>(row[8]), static_cast<float>(row[9]), static_cast<float>(row[10]),
+                    static_cast<float>(row[11])});
   }
-  if (items.empty()) return;
-  at::Tensor d_items = to_device(items, dev);
-  adam_step_kernel<<<static_cast<unsigned>(items.size()), kStepThreads, 0, at::cuda::getCurrentCUDAStream().stream()>>>(
-      reinterpret_cast<const StepItem*>(d_items.data_ptr()));
+  if (n_chunks == 0) return;
+  at::Tensor chunks;
+  if (layout.has_value() && layout->defined()) {
+    chunks = *layout;
+    TORCH_CHECK(chunks.device() == dev && chunks.scalar_type() == at::kByte &&
+                    chunks.numel() == n_chunks * static_cast<int64_t>(sizeof(StepChunk)),
+                "layout: not the work table of these tensors (build it with optim_step_layout of their sizes)");
+  } else {
+    std::vector<int64_t> numels;
+    for (const auto& p : params) numels.push_back(p.numel());
+    chunks = to_device(step_chunks(numels), dev);
+  }
+  at::Tensor d_args = to_device(args, dev);
+  adam_step_kernel<<<static_cast<unsigned>(n_chunks), kStepThreads, 0, at::cuda::getCurrentCUDAStream().stream()>>>(
+      reinterpret_cast<const StepChunk*>(chunks.data_ptr()), reinterpret_cast<const StepArgs*>(d_args.data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -288,9 +334,13 @@ const lowbit::Bindings<lowbit::CudaExt> kOptimBindings([](pybind11::module_& m) 
         pybind11::arg("grads"));
   m.def("optim_clip_stats", &clip_stats, "Per tensor (sum of AdaClip-clipped g^2, clipped count)",
         pybind11::arg("grads"), pybind11::arg("mh"), pybind11::arg("r"));
-  m.def("optim_adam_step", &adam_step, "Fused Stable-SPAM elementwise step over lists of fp32 CUDA tensors",
+  m.def("optim_adam_step", &adam_step,
+        "Fused Stable-SPAM elementwise step over lists of fp32 CUDA tensors (layout: optim_step_layout of "
+        "their sizes, reused across steps; None builds it)",
         pybind11::arg("params"), pybind11::arg("grads"), pybind11::arg("ms"), pybind11::arg("vs"),
-        pybind11::arg("scalars"));
+        pybind11::arg("scalars"), pybind11::arg("layout") = pybind11::none());
+  m.def("optim_step_layout", &step_layout, "The work table of optim_adam_step for tensors of these sizes",
+        pybind11::arg("numels"), pybind11::arg("like"));
 });
 
 }  // namespace

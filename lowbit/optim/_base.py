@@ -99,6 +99,40 @@ class LowbitOptimizer(ExactStateLoad, Optimizer):
         check_params(self)
         self.stats = new_stats()
 
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        # remembered so that a tensor this optimizer was never given (a DeepSpeed ZeRO flat
+        # partition) can be told apart: it keeps its own clock (`_clock`), and an optimizer with
+        # per-tensor statistics refuses it without a layout; set up here because
+        # Optimizer.__init__ adds the first groups before the subclass's __init__ can
+        given = self.__dict__.setdefault("_given", set())
+        given.update(id(p) for p in self.param_groups[-1]["params"])
+
+    def _partitions(self, params) -> list:
+        """The tensors of `params` this optimizer was not constructed with (ZeRO flat partitions)."""
+        given = self.__dict__.get("_given", ())
+        return [p for p in params if id(p) not in given]
+
+    def _clock(self, group: dict, partitions=()) -> int:
+        """Advance the global step of `group` by one training step; -> the step T.
+
+        DeepSpeed steps its flat ZeRO partitions one ``step()`` call per parameter group (ZeRO
+        1/2) or per sub group (ZeRO 3, several per group when ``sub_group_size`` splits it), so
+        a clock per call would run several times faster than training and bring resets,
+        warm-ups and schedules early. A partition therefore counts its own steps in its state;
+        a partition seen for the first time starts from the group's count when the group's
+        first partition appeared (all of them are first stepped in the same training step),
+        so the later sub groups of that step do not start one ahead."""
+        if not partitions:
+            group["global_step"] += 1
+            return group["global_step"]
+        base = group.setdefault("partition_base", group["global_step"])
+        T = self.state[partitions[0]].get("global_step", base) + 1
+        for p in partitions:
+            self.state[p]["global_step"] = T
+        group["global_step"] = T
+        return T
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -108,7 +142,9 @@ class LowbitOptimizer(ExactStateLoad, Optimizer):
         # a tensor's position among all parameters: its stochastic-rounding seeds derive from it
         index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         for group in self.param_groups:
-            self._step_group(group, index)
+            # DeepSpeed empties the groups it is not stepping in this call: they keep their clock
+            if group["params"]:
+                self._step_group(group, index)
         self.stats["steps"] += 1
         return loss
 

@@ -54,6 +54,22 @@ def adam_step(params, grads, ms, vs, scalars: list[tuple], foreach: bool = True)
         fn(params, grads, ms, vs, torch.tensor(scalars, dtype=torch.float64))
 
 
+MAX_LAYOUTS = 64
+_piece_tables: dict[tuple, torch.Tensor] = {}
+
+
+def piece_table(pieces) -> torch.Tensor:
+    """The [n, 3] int64 table of `pieces`: the same every step for one layout of the parameters (and
+    ZeRO partition), so built once per layout and reused (bounded, for layouts that keep changing)."""
+    key = tuple(tuple(p) for p in pieces)
+    table = _piece_tables.get(key)
+    if table is None:
+        if len(_piece_tables) >= MAX_LAYOUTS:
+            _piece_tables.clear()
+        table = _piece_tables[key] = torch.tensor(key, dtype=torch.int64).reshape(-1, 3)
+    return table
+
+
 def lowprec_step(state_dtype: str, params, ms, m_scales, vs, v_scales, grads, pieces, scalars, seeds,
                  books) -> bool:
     """The elementwise step on moments stored in `state_dtype` ("bf16", "fp8", "int8"), fused with
@@ -78,7 +94,7 @@ def lowprec_step(state_dtype: str, params, ms, m_scales, vs, v_scales, grads, pi
     if fn is None:
         return False
     fn(state_dtype, list(params), list(ms), list(m_scales), list(vs), list(v_scales), list(grads),
-       torch.tensor(pieces, dtype=torch.int64).reshape(-1, 3),
+       piece_table(pieces),
        torch.tensor(scalars, dtype=torch.float64).reshape(-1, len(SCALARS) + 1),
        torch.tensor(seeds, dtype=torch.int64).reshape(-1, 2), list(books))
     return True

@@ -48,8 +48,10 @@ Notes:
     summation order of the gradient reduction and of the statistics).
   * Optimizer-state offload to NVMe (``offload_optimizer.device = "nvme"``) swaps the flat
     partitions in and out and is rejected; offload to CPU works.
-  * DeepSpeed calls ``step()`` once per parameter group (ZeRO 3: per sub group); each flat
-    partition counts its own steps, so schedules see one step per training step.
+  * DeepSpeed calls ``step()`` once per parameter group (ZeRO 3: per sub group, with the other
+    groups emptied); each flat partition counts its own steps (StableSPAM and SPAM, with or
+    without `attach`), so resets, warm-ups and schedules see one step per training step.
+    ``optimizer.stats`` count calls: "steps" and "resets" there are per call, not per training step.
 """
 from __future__ import annotations
 

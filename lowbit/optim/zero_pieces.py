@@ -44,18 +44,10 @@ class FlatPartitions:
     """Mixin for an optimizer with per-tensor statistics: steps on the tensors it was given and on
     the flat partitions of a layout set by `set_partition_layout`, and refuses any other tensor.
 
-    The optimizer provides ``state``, ``state_dtype`` and ``_init_scalars(st, group)``, which
-    starts the statistics of one tensor.
+    The optimizer is a `lowbit.optim._base.LowbitOptimizer` (its ``_clock`` counts a flat
+    partition's steps) and provides ``_init_scalars(st, group)``, which starts the statistics of
+    one tensor, and ``state_dtype`` or its own ``_init_flat_state``.
     """
-
-    def add_param_group(self, param_group):
-        super().add_param_group(param_group)
-        # remembered so that a step on tensors this optimizer was never given (DeepSpeed's flat
-        # ZeRO partitions without `lowbit.optim.zero.attach`) fails instead of computing the
-        # per-tensor statistics over a whole partition; set up here because Optimizer.__init__
-        # adds the first groups before the subclass's __init__ can
-        given = self.__dict__.setdefault("_given", set())
-        given.update(id(p) for p in self.param_groups[-1]["params"])
 
     def set_partition_layout(self, layout) -> None:
         """Use `layout` (a `lowbit.optim.zero.PartitionLayout`, or None) to map the flat partitions
@@ -79,15 +71,12 @@ class FlatPartitions:
         its flat partitions)."""
         flats = [p for p in params if self._is_flat(p)]
         plain = [p for p in params if p.numel() and not self._is_flat(p)]
-        if flats:
-            # DeepSpeed steps the flat partitions of a group one call at a time (ZeRO 3 sub
-            # groups): each flat counts its own steps, so T is right however they are called
-            T = self.state[flats[0]].get("global_step", group["global_step"]) + 1
-            group["global_step"] = T
-        else:
-            group["global_step"] += 1
-            T = group["global_step"]
-        return T, plain, flats
+        return self._clock(group, flats), plain, flats
+
+    def _init_flat_state(self, fst, flat) -> None:
+        """Start the elementwise state of a flat partition: Adam's two moments."""
+        S.init_moment(fst, "exp_avg", flat, self.state_dtype)
+        S.init_moment(fst, "exp_avg_sq", flat, self.state_dtype)
 
     def _pieces(self, group, plain, flats, T: int) -> list[Piece]:
         pieces = [Piece(self.state[p], p, None, p.numel(), None) for p in plain]
@@ -106,11 +95,9 @@ class FlatPartitions:
                 sc = {}
                 self._init_scalars(sc, group)
                 fst["tensors"].append(sc)
-            S.init_moment(fst, "exp_avg", flat, self.state_dtype)
-            S.init_moment(fst, "exp_avg_sq", flat, self.state_dtype)
+            self._init_flat_state(fst, flat)
         if len(fst["tensors"]) != len(fl.tensors):
             raise RuntimeError(f"{type(self).__name__}: the state holds statistics of {len(fst['tensors'])} tensors "
                                f"for a partition of {len(fl.tensors)} (a checkpoint of another model or grouping?)")
-        fst["global_step"] = T
         return [Piece(sc, flat, t.start, t.length, fl.group, t.numel)
                 for sc, t in zip(fst["tensors"], fl.tensors) if t.numel]

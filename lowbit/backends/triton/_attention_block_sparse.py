@@ -1,54 +1,56 @@
 """Triton block-sparse attention (flash-attention style).
 
-One program per (query block, batch * head). The selected key blocks of each query block are passed
-as a sorted index list (CSR: `counts[row]`, `cols[row, :counts[row]]`), so a program loops only over
-its selected blocks; the diagonal block is always in the list. Softmax is online (running max and
-sum, rescaled per block) in fp32. fp32 inputs use IEEE fp32 dots so results match the reference to
-fp32 rounding; fp16/bf16 inputs use the tensor cores with fp32 accumulation.
+One program per (batch * head, BM query rows of a query block). The selected key blocks of each
+query block are passed as a sorted index list (CSR: `counts[row]`, `cols[row, :counts[row]]`), so
+a program loops only over its selected blocks, BN keys at a time; the diagonal block is always in
+the list. Softmax is online (running max and sum, rescaled per key tile) in fp32. fp32 inputs use
+IEEE fp32 dots so results match the reference to fp32 rounding; fp16/bf16 inputs use the tensor
+cores with fp32 accumulation. Tiles and grid: `_attention_common.launch_plan`.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from ..ref.attention import block_lists
-from ._attention_common import block_scores, launch_args, online_softmax_step
+from ._attention_common import attend_block, launch_args
 
 
 @triton.jit
 def _block_sparse_fwd(Q, K, V, O, counts, cols, scale, S, H, G, N_BLOCKS,
                       sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
-                      CAUSAL: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                      D: tl.constexpr, DV: tl.constexpr, IEEE: tl.constexpr):
-    i = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+                      CAUSAL: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      BD: tl.constexpr, BDV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, IEEE: tl.constexpr):
+    q_tiles = N_BLOCKS * (BS // BM)
+    bh = tl.program_id(0) // q_tiles
+    t = tl.program_id(0) % q_tiles
+    i = t // (BS // BM)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     kvh = h // G
-    offs_m = i * BS + tl.arange(0, BS)
+    offs_m = t * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
-    q_ptr = Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :]
-    q = tl.load(q_ptr, mask=(offs_m[:, None] < S) & (offs_d[None, :] < D), other=0.0)
-    m_i = tl.full([BS], float("-inf"), tl.float32)
-    l_i = tl.zeros([BS], tl.float32)
-    acc = tl.zeros([BS, BDV], tl.float32)
-    row = bh * N_BLOCKS + i
+    rows = offs_m.to(tl.int64)[:, None]
+    q = tl.load(Q + b * sqb + h * sqh + rows * sqs + offs_d[None, :],
+                mask=(offs_m[:, None] < S) & (offs_d[None, :] < D), other=0.0)
+    kbase, vbase = b * skb + kvh * skh, b * svb + kvh * svh
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BDV], tl.float32)
+    row = bh.to(tl.int64) * N_BLOCKS + i
     cnt = tl.load(counts + row)
-    for t in range(0, cnt):
-        j = tl.load(cols + row * N_BLOCKS + t)
-        s, offs_n = block_scores(q, K, b, kvh, j, offs_m, S, skb, skh, sks, scale, CAUSAL, BS, BD, D, IEEE)
-        m_i, l_i, acc = online_softmax_step(s, offs_n, m_i, l_i, acc, V, b, kvh, S, svb, svh, svs, BDV, DV, IEEE)
+    for c in range(0, cnt):
+        j = tl.load(cols + row * N_BLOCKS + c)
+        m_i, l_i, acc = attend_block(q, m_i, l_i, acc, K, V, kbase, vbase, j, offs_m, S, sks, svs, scale, CAUSAL,
+                                     BS, BN, BD, BDV, D, DV, IEEE)
     out = acc / l_i[:, None]
-    o_ptr = O + b * sob + h * soh + offs_m[:, None] * sos + offs_dv[None, :]
-    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < S) & (offs_dv[None, :] < DV))
+    tl.store(O + b * sob + h * soh + rows * sos + offs_dv[None, :], out.to(O.dtype.element_ty),
+             mask=(offs_m[:, None] < S) & (offs_dv[None, :] < DV))
 
 
 def block_sparse_attention(q, k, v, block_mask, block_size: int, causal: bool, scale: float):
-    q, k, v, out, sizes, strides, meta = launch_args(q, k, v, block_size)
-    n = sizes[3]
+    q, k, v, out, grid, sizes, strides, meta = launch_args(q, k, v, block_size)
     counts, cols = block_lists(block_mask, causal)
-    _block_sparse_fwd[(n, q.shape[0] * q.shape[1])](q, k, v, out, counts, cols, float(scale), *sizes, *strides,
-                                                    CAUSAL=causal, **meta)
+    _block_sparse_fwd[grid](q, k, v, out, counts, cols, float(scale), *sizes, *strides, CAUSAL=causal, **meta)
     return out

@@ -29,13 +29,23 @@ def _cast_kernel(x_ptr, out_ptr, n, seed, STOCHASTIC: tl.constexpr, MBITS: tl.co
         tl.store(out_ptr + offs, code.to(tl.uint8), mask=mask)
 
 
+def launch_plan(n: int, on_gpu: bool) -> tuple[tuple[int], int]:
+    """(grid, BLOCK) for n elements: one flat axis (n / BLOCK programs stays far below 2^31 - 1)."""
+    block = BLOCK if on_gpu else BLOCK_INTERPRETED
+    return (triton.cdiv(n, block),), block
+
+
+def smem_bytes() -> int:
+    return 0  # elementwise: no reduction, no layout change
+
+
 def cast(x: torch.Tensor, elem_name: str, dtype: torch.dtype, rounding: str, seed: int) -> torch.Tensor:
     xk, bf16 = as_kernel_input(x)
     wide = torch.empty((), dtype=dtype).element_size() == 2
     out = torch.empty(x.shape, dtype=torch.int16 if wide else torch.uint8, device=x.device)
     n = x.numel()
     if n:
-        block = BLOCK if x.is_cuda else BLOCK_INTERPRETED
-        _cast_kernel[(triton.cdiv(n, block),)](xk, out, n, seed, rounding == "stochastic", *ELEMENT_CODES[elem_name],
-                                               wide, bf16, block, enable_fp_fusion=False)
+        grid, block = launch_plan(n, x.is_cuda)
+        _cast_kernel[grid](xk, out, n, seed, rounding == "stochastic", *ELEMENT_CODES[elem_name], wide, bf16, block,
+                           enable_fp_fusion=False)
     return out.view(dtype)

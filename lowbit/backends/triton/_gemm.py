@@ -51,7 +51,7 @@ KIND = {"fp8": 0, "mx": 1, "nvfp4": 2}
 # shift) with the max code set to Inf's, so overflow gives Inf; other dtypes are cast from fp32.
 OUT_CODES = {dt: (c[0], c[1], c[3], c[3], c[4], c[5])
              for dt, c in ((torch.bfloat16, ELEMENT_CODES["bf16"]), (torch.float16, ELEMENT_CODES["fp16"]))}
-BM_MAX, BN_MAX, BK_MAX, GROUP_M = 128, 128, 64, 8
+BM_MAX, BN_MAX, BK_MAX, GROUP_M, STAGES = 128, 128, 64, 8, 3
 
 
 @triton.jit
@@ -159,6 +159,20 @@ def _operand(p, name: str, R: int, K: int):
     return ptrs, (br, bk, K // bk), consts, bk_tile
 
 
+def launch_plan(M: int, N: int, K: int, bk_limit: int) -> tuple[tuple[int], int, int, int]:
+    """(grid, BM, BN, BK): one flat axis of BM x BN output tiles; BK at most `bk_limit` (the scales allow)."""
+    bm = min(BM_MAX, max(16, triton.next_power_of_2(M)))
+    bn = min(BN_MAX, max(16, triton.next_power_of_2(N)))
+    bk = min(bk_limit, max(16, triton.next_power_of_2(K)))
+    return (triton.cdiv(M, bm) * triton.cdiv(N, bn),), bm, bn, bk
+
+
+def smem_bytes(bm: int = BM_MAX, bn: int = BN_MAX, bk: int = BK_MAX, stages: int = STAGES) -> int:
+    """Upper bound of the kernel's shared memory: the bf16 operand tiles of one K step, the 1-byte code
+    tiles of every pipeline stage, or the fp32 accumulator through the epilogue's layout change."""
+    return max((bm + bn) * bk * 2 + stages * (bm + bn) * bk, bm * bn * 4)
+
+
 def qmatmul(a, b, out_dtype: torch.dtype) -> torch.Tensor:
     """a [M, K] and b [N, K] as `lowbit._ops.QParts` -> a @ b.T (fp32 accumulation) in out_dtype."""
     if a.K != b.K:
@@ -171,15 +185,12 @@ def qmatmul(a, b, out_dtype: torch.dtype) -> torch.Tensor:
     out = torch.zeros((M, N), dtype=store, device=dev)
     codes = OUT_CODES.get(out_dtype)
     if M and N and K:
-        bm = min(BM_MAX, max(16, triton.next_power_of_2(M)))
-        bn = min(BN_MAX, max(16, triton.next_power_of_2(N)))
-        bk = min(a_bk, b_bk, max(16, triton.next_power_of_2(K)))
+        grid, bm, bn, bk = launch_plan(M, N, K, min(a_bk, b_bk))
         # the interpreter multiplies bf16 tiles as raw uint16 bits; fp32 tiles (ieee: no TF32) hold
         # the same bf16-exact values, so give the same exact products
         dot_type = tl.bfloat16 if dev.type == "cuda" else tl.float32
-        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
         _qmatmul_kernel[grid](*a_ptrs, *b_ptrs, out if codes is None else out.view(torch.int16), M, N, K,
                               *a_blk, *b_blk, *a_consts, *b_consts, codes is not None, *(codes or (0,) * 6),
                               dot_type, bm, bn, bk, GROUP_M, num_warps=8 if bm * bn >= 128 * 128 else 4,
-                              num_stages=3)
+                              num_stages=STAGES)
     return out if store == out_dtype else out.to(out_dtype)

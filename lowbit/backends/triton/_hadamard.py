@@ -48,6 +48,21 @@ def norm(block: int) -> float:
     return float(torch.tensor(1.0 / math.sqrt(block), dtype=torch.float64).to(torch.float32))
 
 
+def launch_plan(numel: int, block: int) -> list[tuple[int, int, tuple[int]]]:
+    """Per pass, (MID, LINES, grid) for `numel` elements in blocks of `block`: one flat grid axis."""
+    plan = []
+    for mid in ([block] if block <= MAX_MID else [MAX_MID, block // MAX_MID]):
+        lines = numel // mid
+        per_prog = max(1, min(TILE // mid, triton.next_power_of_2(lines)))
+        plan.append((mid, per_prog, (triton.cdiv(lines, per_prog),)))
+    return plan
+
+
+def smem_bytes() -> int:
+    """Upper bound of a pass's shared memory: its fp32 tile through the butterflies' layout changes, twice."""
+    return 2 * TILE * 4
+
+
 def hadamard(x: torch.Tensor, block: int, seed: int | None, inverse: bool) -> torch.Tensor:
     """[R, K] (any float dtype) -> fp32 [R, K], transformed along K in blocks of `block`."""
     xk, bf16 = as_kernel_input(x)
@@ -55,13 +70,12 @@ def hadamard(x: torch.Tensor, block: int, seed: int | None, inverse: bool) -> to
     if x.numel() == 0:
         return out
     signed = seed is not None and seed >= 0
-    mids = [block] if block <= MAX_MID else [MAX_MID, block // MAX_MID]
+    plan = launch_plan(x.numel(), block)
     src, low = xk, 1
-    for i, mid in enumerate(mids):
-        first, last = i == 0, i == len(mids) - 1
+    for i, (mid, per_prog, grid) in enumerate(plan):
+        first, last = i == 0, i == len(plan) - 1
         lines = x.numel() // mid
-        per_prog = max(1, min(TILE // mid, triton.next_power_of_2(lines)))
-        _hadamard_pass[(triton.cdiv(lines, per_prog),)](
+        _hadamard_pass[grid](
             src, out, lines, seed if signed else 0, norm(block), mid, mid.bit_length() - 1, low, block, per_prog,
             signed and first and not inverse, signed and last and inverse, last, bf16 and first,
             enable_fp_fusion=False)

@@ -90,8 +90,10 @@ def _encode_kernel(v_ptr, factor_ptr, gs_ptr, out_ptr, R, K, br, bk, nbk, inner,
                    STOCHASTIC: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, MAX_CODE: tl.constexpr,
                    INF_CODE: tl.constexpr, NAN_CODE: tl.constexpr, SIGN_SHIFT: tl.constexpr,
                    PACKED: tl.constexpr, BF16: tl.constexpr, TR: tl.constexpr, TK: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * TR + tl.arange(0, TR)
-    cols = tl.program_id(1).to(tl.int64) * TK + tl.arange(0, TK)
+    n_cols = tl.cdiv(K, TK)  # flat grid: axes 1 and 2 stop at 65535 programs
+    pj = (tl.program_id(0) % n_cols).to(tl.int64)
+    rows = (tl.program_id(0) // n_cols).to(tl.int64) * TR + tl.arange(0, TR)
+    cols = pj * TK + tl.arange(0, TK)
     mask = (rows < R)[:, None] & (cols < K)[None, :]
     v = load_fp32(v_ptr, rows[:, None] * K + cols[None, :], mask, BF16)
     blk = (rows // br)[:, None] * nbk + (cols // bk)[None, :]
@@ -109,11 +111,27 @@ def _encode_kernel(v_ptr, factor_ptr, gs_ptr, out_ptr, R, K, br, bk, nbk, inner,
     code = round_to_code(scaled, rbits, STOCHASTIC, MBITS, BIAS, MAX_CODE, INF_CODE, NAN_CODE, SIGN_SHIFT)
     if PACKED:
         lo, hi = tl.split(tl.reshape(code, (TR, TK // 2, 2)))
-        pcols = tl.program_id(1).to(tl.int64) * (TK // 2) + tl.arange(0, TK // 2)
+        pcols = pj * (TK // 2) + tl.arange(0, TK // 2)
         pmask = (rows < R)[:, None] & (pcols < K // 2)[None, :]
         tl.store(out_ptr + rows[:, None] * (K // 2) + pcols[None, :], (lo | (hi << 4)).to(tl.uint8), mask=pmask)
     else:
         tl.store(out_ptr + rows[:, None] * K + cols[None, :], code.to(tl.uint8), mask=mask)
+
+
+def scale_grid(n_blocks: int) -> tuple[int]:
+    return (triton.cdiv(n_blocks, SCALE_LANES),)
+
+
+def encode_plan(R: int, K: int) -> tuple[tuple[int], int, int]:
+    """(grid, TR, TK) of `_encode_kernel` for an [R, K] input: TILE elements per program, one flat axis."""
+    tk = min(MAX_TK, max(2, triton.next_power_of_2(K)))
+    tr = min(TILE // tk, triton.next_power_of_2(R))
+    return (triton.cdiv(R, tr) * triton.cdiv(K, tk),), tr, tk
+
+
+def smem_bytes() -> int:
+    """Upper bound of the kernels' shared memory: one fp32 TILE through a layout change (FP4 pairing)."""
+    return TILE * 4
 
 
 def quantize(x, fmt, block, rounding, seed, scale_mode, global_amax, hadamard_block, inner):
@@ -133,15 +151,14 @@ def quantize(x, fmt, block, rounding, seed, scale_mode, global_amax, hadamard_bl
     factor = torch.empty(n_blocks, dtype=torch.float32, device=dev)
     gs = torch.ones((), dtype=torch.float32, device=dev)
     if n_blocks:
-        _scale_kernel[(triton.cdiv(n_blocks, SCALE_LANES),)](
+        _scale_kernel[scale_grid(n_blocks)](
             amax, gamax, scale, factor, gs, n_blocks, kind, SCALE_MODE[scale_mode], fmt.elem.max, fmt.elem.emax,
             has_global, SCALE_LANES, enable_fp_fusion=False)
     data = torch.empty((R, K // 2 if fmt.packed else K), dtype=torch.uint8, device=dev)
     if R and K:
         vk, bf16 = as_kernel_input(v)
-        tk = min(MAX_TK, max(2, triton.next_power_of_2(K)))
-        tr = min(TILE // tk, triton.next_power_of_2(R))
-        _encode_kernel[(triton.cdiv(R, tr), triton.cdiv(K, tk))](
+        grid, tr, tk = encode_plan(R, K)
+        _encode_kernel[grid](
             vk, factor, gs, data, R, K, br, bk, nbk, inner, seed, kind, rounding == "stochastic",
             *ELEMENT_CODES[fmt.elem.name], fmt.packed, bf16, tr, tk, enable_fp_fusion=False)
     if not fmt.packed:
