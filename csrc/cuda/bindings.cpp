@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
+#include <string>
 #include <tuple>
 
 #include <lowbit/codes.h>
@@ -16,6 +17,15 @@
 #include <lowbit/registry.h>
 
 #include "launch.h"
+
+// The GPU targets this module was compiled for, "sm_90a+compute_80" (setup.py passes them; '+' since
+// compiler command lines split at commas): lowbit.backends.cuda reads them to tell a GPU it holds no
+// code for, and falls back to another backend there.
+#ifndef LOWBIT_CUDA_ARCHS
+#define LOWBIT_CUDA_ARCHS
+#endif
+#define LOWBIT_STRINGIFY_(...) #__VA_ARGS__
+#define LOWBIT_STRINGIFY(...) LOWBIT_STRINGIFY_(__VA_ARGS__)
 
 namespace lowbit {
 namespace cuda {
@@ -285,5 +295,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hadamard", &lowbit::cuda::hadamard, "random Hadamard transform along the last dim (seed None: no signs)",
         py::arg("x"), py::arg("block"), py::arg("seed"), py::arg("inverse"));
   m.def("codes", &lowbit::codes_table, "the enum codes the ops take: {argument: {name: code}}");
+  m.def("archs", []() { return std::string(LOWBIT_STRINGIFY(LOWBIT_CUDA_ARCHS)); },
+        "the GPU targets compiled in, '+'-separated (sm_XY: SASS, compute_XY: PTX); empty if not recorded");
   for (auto fn : lowbit::binding_registry<lowbit::CudaExt>()) fn(m);  // bindings that other kernel files registered
 }
