@@ -30,7 +30,8 @@ from lowbit.optim import StableSPAM, kernels
 
 try:  # the launch-plan tests need Triton's helpers, not a GPU
     import triton
-    from lowbit.backends.triton import _amax, _attention_common, _cast, _dequantize, _gemm, _hadamard, _quantize
+    from lowbit.backends.triton import (_amax, _attention_common, _cast, _dequantize, _gemm, _hadamard, _quantize,
+                                        _quantize_dual)
 except ImportError:
     triton = None
 needs_triton = pytest.mark.skipif(triton is None, reason="triton is not installed")
@@ -171,6 +172,18 @@ def test_elementwise_and_hadamard_grids_fit_any_shape(R, K):
         if K % block == 0:
             for mid, lines, grid in _hadamard.launch_plan(R * K, block):
                 assert fits(grid) and grid[0] * lines * mid >= R * K
+
+
+@needs_triton
+@pytest.mark.parametrize("T, K", [WIDE, TALL, (2**16, 2**15)])
+def test_quantize_dual_grid_fits_any_shape(T, K):
+    """Both passes of the fused dual-layout quantizer tile the source onto axis 0 alone."""
+    spec = types.SimpleNamespace(hadamard=0, rows=T, block=(1, 16))
+    tiles = _quantize_dual.plan(T, K, spec, spec)
+    assert tiles is not None
+    tr, tk = tiles
+    grid = _quantize_dual.launch_plan(T, K, tr, tk)
+    assert fits(grid) and grid[0] * tr * tk >= T * K
 
 
 @needs_triton

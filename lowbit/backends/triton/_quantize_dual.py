@@ -92,13 +92,21 @@ def _fold_amax(v, amax_ptr, r0, c0, dr, dc, sr, sc, ext_r, ext_c, n_blocks, GR: 
 
 
 @triton.jit
+def _tile_origin(K, TR: tl.constexpr, TK: tl.constexpr):
+    """(first row, first column) of this program's tile: the tiles are flattened onto grid axis 0,
+    whose limit is 2^31 - 1 (axes 1 and 2 stop at 65535)."""
+    n_cols = tl.cdiv(K, TK)
+    p = tl.program_id(0).to(tl.int64)
+    return (p // n_cols) * TR, (p % n_cols) * TK
+
+
+@triton.jit
 def _amax_kernel(x_ptr, amax_r, amax_c, T, K, Tr, Tc, br, bk, nbk_r, cbr, cbk, nbk_c, n_r, n_c, seed_r, seed_c,
                  norm_r, norm_c, GR_R: tl.constexpr, GK_R: tl.constexpr, GR_C: tl.constexpr, GK_C: tl.constexpr,
                  HR: tl.constexpr, LOG_HR: tl.constexpr, HC: tl.constexpr, LOG_HC: tl.constexpr,
                  TOTAL_R: tl.constexpr, TOTAL_C: tl.constexpr, BF16: tl.constexpr, TR: tl.constexpr,
                  TK: tl.constexpr):
-    r0 = tl.program_id(0).to(tl.int64) * TR
-    c0 = tl.program_id(1).to(tl.int64) * TK
+    r0, c0 = _tile_origin(K, TR, TK)
     vr, vc = _load_tile(x_ptr, r0, c0, T, K, seed_r, seed_c, norm_r, norm_c, HR, LOG_HR, HC, LOG_HC, BF16, TR, TK)
     # rowwise block of (t, k): (t // br) * nbk_r + k // bk; colwise block: (k // cbr) * nbk_c + t // cbk
     _fold_amax(vr, amax_r, r0, c0, br, bk, nbk_r, 1, Tr, K, n_r, GR_R, GK_R, TR, TK, TOTAL_R)
@@ -142,8 +150,7 @@ def _encode_kernel(x_ptr, f_r, f_c, gs_r, gs_c, out_r, out_c, T, K, Tr, Tc, br, 
                    MBITS_C: tl.constexpr, BIAS_C: tl.constexpr, MAX_C: tl.constexpr, INF_C: tl.constexpr,
                    NAN_C: tl.constexpr, SHIFT_C: tl.constexpr, PACKED_C: tl.constexpr, BF16: tl.constexpr,
                    TR: tl.constexpr, TK: tl.constexpr):
-    r0 = tl.program_id(0).to(tl.int64) * TR
-    c0 = tl.program_id(1).to(tl.int64) * TK
+    r0, c0 = _tile_origin(K, TR, TK)
     vr, vc = _load_tile(x_ptr, r0, c0, T, K, seed_r, seed_c, norm_r, norm_c, HR, LOG_HR, HC, LOG_HC, BF16, TR, TK)
     _encode(vr, r0 + tl.arange(0, TR), c0, Tr, K, br, bk, nbk_r, f_r, gs_r, out_r, seed_r, KIND_R, SR_R, MBITS_R,
             BIAS_R, MAX_R, INF_R, NAN_R, SHIFT_R, PACKED_R, TR, TK)
@@ -178,6 +185,11 @@ def _log2(n: int) -> int:
     return max(n.bit_length() - 1, 0)
 
 
+def launch_plan(rows: int, K: int, tr: int, tk: int) -> tuple[int]:
+    """The grid of both passes: every [tr, tk] tile of the (padded) [rows, K] source, on axis 0."""
+    return (triton.cdiv(rows, tr) * triton.cdiv(K, tk),)
+
+
 def quantize_dual(x: torch.Tensor, row, col) -> tuple[torch.Tensor, ...]:
     T, K = x.shape
     tiles = plan(T, K, row, col) if x.numel() else None
@@ -193,7 +205,7 @@ def quantize_dual(x: torch.Tensor, row, col) -> tuple[torch.Tensor, ...]:
     total_r, total_c = row.fmt.kind == "nvfp4", col.fmt.kind == "nvfp4"
     amax_r = torch.zeros(n_r + total_r, dtype=torch.int32, device=dev)
     amax_c = torch.zeros(n_c + total_c, dtype=torch.int32, device=dev)
-    grid = (triton.cdiv(max(Tr, Tc), tr), triton.cdiv(K, tk))
+    grid = launch_plan(max(Tr, Tc), K, tr, tk)
     hmeta = (row.hadamard, _log2(row.hadamard), col.hadamard, _log2(col.hadamard))
     norms = (hadamard_norm(row.hadamard) if row.hadamard else 1.0, hadamard_norm(col.hadamard) if col.hadamard else 1.0)
     _amax_kernel[grid](xk, amax_r, amax_c, T, K, Tr, Tc, br, bk, nbk_r, cbr, cbk, nbk_c, n_r, n_c, row.seed, col.seed,
