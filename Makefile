@@ -40,7 +40,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_quantize.py
 
-# Compiles every .cu file for sm_90a and sm_100a against the CUDA build of torch (no GPU needed).
+# Compiles every .cu file for the default targets of setup.py (sm_80, sm_89, sm_90a, sm_100a, sm_120a + PTX)
+# against the CUDA build of torch (no GPU needed).
 cuda-check:
 	bash scripts/cuda_check.sh
 
