@@ -36,7 +36,8 @@ def _(x, fmt, block, rounding, seed, scale_mode, global_amax, hadamard, inner, b
     f = FORMATS[fmt]
     R, K = x.shape
     data = x.new_empty((R, K // 2 if f.packed else K), dtype=f.data_dtype)
-    scale = x.new_empty((R // block[0], K // block[1]), dtype=f.scale_dtype)
+    record = (f.scale_fields,) if f.scale_fields else ()  # INT4: a record of fields per group
+    scale = x.new_empty((R // block[0], K // block[1]) + record, dtype=f.scale_dtype)
     return data, scale, x.new_empty((), dtype=torch.float32)
 
 

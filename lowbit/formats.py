@@ -18,6 +18,7 @@ class Element:
     max: float  # largest finite value
     has_inf: bool
     torch_dtype: torch.dtype | None  # storage dtype torch defines for it, if any
+    signed: bool = True  # whether it has a sign bit (uint4 has none)
 
     @property
     def emin(self) -> int:
@@ -31,7 +32,7 @@ class Element:
 
     @property
     def bits(self) -> int:
-        return 1 + self.ebits + self.mbits
+        return int(self.signed) + self.ebits + self.mbits
 
 
 E4M3 = Element("e4m3", 4, 3, 7, 448.0, False, torch.float8_e4m3fn)
@@ -39,6 +40,10 @@ E5M2 = Element("e5m2", 5, 2, 15, 57344.0, True, torch.float8_e5m2)
 E2M1 = Element("e2m1", 2, 1, 1, 6.0, False, None)
 BF16 = Element("bf16", 8, 7, 127, float(torch.finfo(torch.bfloat16).max), True, torch.bfloat16)
 FP16 = Element("fp16", 5, 10, 15, 65504.0, True, torch.float16)
+# Integers are elements without exponent bits. int4 codes are two's complement nibbles in [-8, 7]
+# (`max` is the 7 a symmetric scale maps to); uint4 codes are [0, 15].
+INT4 = Element("int4", 0, 3, 0, 7.0, False, None)
+UINT4 = Element("uint4", 0, 4, 0, 15.0, False, None, signed=False)
 
 ELEMENT_OF_DTYPE = {
     torch.float8_e4m3fn: E4M3,
@@ -53,7 +58,8 @@ class Format:
     """A quantized tensor format.
 
     kind: "fp8" (fp32 scales: tensor, row, 1x128 or 128x128 blocks), "mx" (OCP MX: E8M0 scale per
-    1x32 block), "nvfp4" (E4M3 scale per 1x16 or 16x16 block and an fp32 per-tensor scale).
+    1x32 block), "nvfp4" (E4M3 scale per 1x16 or 16x16 block and an fp32 per-tensor scale),
+    "int4" (Stable-SPAM's integer formats: an fp32 record per 1 x g group, see `scale_fields`).
     `block` is the default block: None = one scale per tensor.
     """
 
@@ -76,6 +82,14 @@ class Format:
     def data_dtype(self) -> torch.dtype:
         return torch.uint8 if self.packed else self.elem.torch_dtype
 
+    @property
+    def scale_fields(self) -> int:
+        """0: the scale is one number per block. INT4: each group's scale is a record of this many fp32
+        fields, a trailing dim of the scale tensor (int4_weight (s, zero); int4_act (s, v0, v1, i0, i1))."""
+        if self.kind != "int4":
+            return 0
+        return 2 if self.elem is UINT4 else 1 + 2 * INT4_TOPK
+
     def __str__(self) -> str:
         return self.name
 
@@ -86,8 +100,13 @@ MXFP8 = Format("mxfp8", "mx", E4M3, (1, 32), torch.uint8)
 MXFP8_E5M2 = Format("mxfp8_e5m2", "mx", E5M2, (1, 32), torch.uint8)
 MXFP4 = Format("mxfp4", "mx", E2M1, (1, 32), torch.uint8)
 NVFP4 = Format("nvfp4", "nvfp4", E2M1, (1, 16), torch.float8_e4m3fn)
+# Stable-SPAM's INT4 (groups of 256 along the reduction dim by default): weights asymmetric with a
+# zero point, activations symmetric with the INT4_TOPK largest |x| of each group kept exactly.
+INT4_TOPK = 2
+INT4_WEIGHT = Format("int4_weight", "int4", UINT4, (1, 256), torch.float32)
+INT4_ACT = Format("int4_act", "int4", INT4, (1, 256), torch.float32)
 
-FORMATS = {f.name: f for f in (FP8_E4M3, FP8_E5M2, MXFP8, MXFP8_E5M2, MXFP4, NVFP4)}
+FORMATS = {f.name: f for f in (FP8_E4M3, FP8_E5M2, MXFP8, MXFP8_E5M2, MXFP4, NVFP4, INT4_WEIGHT, INT4_ACT)}
 
 
 def get_format(fmt) -> Format:

@@ -8,18 +8,19 @@ the `lowbit.backends.ref` package (the executable spec).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
 
 from . import _ops, backends
-from .formats import ELEMENT_OF_DTYPE, FORMATS, Format, get_format
+from .formats import ELEMENT_OF_DTYPE, FORMATS, INT4_TOPK, Format, get_format
 from .qtensor import QTensor
 
 FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 ROUNDINGS = ("nearest", "stochastic")
 HADAMARD_MIN, HADAMARD_MAX = 16, 32768
-SCALE_MODES = {"fp8": ("exact", "floor", "rceil"), "mx": ("floor", "rceil"), "nvfp4": ("exact",)}
+SCALE_MODES = {"fp8": ("exact", "floor", "rceil"), "mx": ("floor", "rceil"), "nvfp4": ("exact",), "int4": ("exact",)}
 
 
 def _check_float(x, name: str = "x") -> None:
@@ -78,6 +79,14 @@ def _normalize_block(fmt: Format, block, R: int, K: int) -> tuple[int, int]:
             br, bk = block
         else:
             raise ValueError(f"block: {fmt.name} accepts None (tensor-wise), 'row', (1, n) or (n, n), got {block!r}")
+    elif fmt.kind == "int4":
+        block = fmt.block if block is None else block
+        least = INT4_TOPK if fmt.elem.signed else 1  # int4_act keeps INT4_TOPK values of every group
+        if not (isinstance(block, (tuple, list)) and len(block) == 2 and block[0] == 1 and isinstance(block[1], int)
+                and not isinstance(block[1], bool) and block[1] >= least):
+            raise ValueError(f"block: {fmt.name} accepts (1, g), groups of g >= {least} along the quantized dim, "
+                             f"got {block!r}")
+        br, bk = block
     else:
         allowed = [fmt.block] + ([(16, 16)] if fmt.kind == "nvfp4" else [])
         if block is None:
@@ -92,17 +101,30 @@ def _normalize_block(fmt: Format, block, R: int, K: int) -> tuple[int, int]:
     return br, bk
 
 
+def _check_global_amax(amax: torch.Tensor, x: torch.Tensor) -> None:
+    """check=True: a given amax must be finite and cover the data (else blocks saturate silently)."""
+    value = float(amax)
+    if not math.isfinite(value):
+        raise ValueError(f"global_amax: expected a finite amax, got {value} (check=True)")
+    data_amax = float(x.detach().abs().amax()) if x.numel() else 0.0
+    if value < data_amax:
+        raise ValueError(f"global_amax: {value:g} is below the data's amax {data_amax:g}, so blocks would saturate "
+                         "(check=True); pass an amax that covers x, e.g. x.abs().amax()")
+
+
 def quantize(x: torch.Tensor, fmt, *, block=None, axis: int = -1, rounding: str = "nearest", seed: int = 0,
              scale_mode: str | None = None, global_amax=None, hadamard: int | None = None,
              backend: str | None = None, check: bool = False) -> QTensor:
     """Quantize `x` along `axis` into `fmt` (see `lowbit.backends.ref` for the exact rules).
 
     block: FP8: None (tensor-wise), "row", (1, 128) or (128, 128) (any (1, n) / (n, n) that divides);
-           MX: (1, 32); NVFP4: (1, 16) (default) or (16, 16).
+           MX: (1, 32); NVFP4: (1, 16) (default) or (16, 16); INT4: (1, g), groups of g along `axis` (256 default).
     scale_mode: MX "floor" (default, OCP) or "rceil"; FP8 "exact" (default) or a power of two, "floor" / "rceil".
-    global_amax: NVFP4 only: replaces amax(x) in the per-tensor scale (e.g. a delayed or all-reduced amax).
+    global_amax: NVFP4 only: replaces amax(x) in the per-tensor scale (e.g. a delayed or all-reduced amax);
+           a Python number must be finite and > 0, a tensor >= 0.
     hadamard: apply the random Hadamard transform of this block along `axis` first (signs from `seed`).
-    check: raise on NaN/Inf in `x` instead of encoding them as NaN scales.
+    check: raise on NaN/Inf in `x` instead of encoding them as NaN scales, and on a `global_amax` that is
+           NaN/Inf or below amax(x) (reading a tensor amax back costs a host sync, so only here).
     """
     _check_float(x)
     fmt = get_format(fmt)
@@ -118,12 +140,19 @@ def quantize(x: torch.Tensor, fmt, *, block=None, axis: int = -1, rounding: str 
     if global_amax is not None:
         if fmt.kind != "nvfp4":
             raise ValueError(f"global_amax: only NVFP4 has a per-tensor amax; got fmt={fmt.name}")
+        given = global_amax  # a Python number is checked on the host for free; a tensor only under check=True
+        if isinstance(given, numbers.Real) and not (math.isfinite(given) and given > 0):
+            raise ValueError(f"global_amax: expected a finite amax > 0, got {given!r}")
         global_amax = torch.as_tensor(global_amax, dtype=torch.float32, device=x.device).reshape(())
         if not torch.compiler.is_compiling() and bool(global_amax < 0):  # a traced check would break the graph
             raise ValueError(f"global_amax: expected a non-negative amax, got {float(global_amax)}")
     if check and x.numel() and not bool(torch.isfinite(x).all()):
         raise ValueError("x: contains NaN or Inf (check=True)")
+    if check and global_amax is not None:
+        _check_global_amax(global_amax, x)
     K = x.shape[axis]
+    if hadamard is not None and fmt.kind == "int4":
+        raise ValueError(f"hadamard: {fmt.name} has no Hadamard transform (Stable-SPAM's INT4 uses none)")
     if hadamard is not None:
         hadamard = _check_hadamard_block(hadamard, K)
     if x.dtype == torch.float64:
@@ -150,8 +179,9 @@ def _empty_qtensor(x, fmt, data_shape, axis, block, R, K, tensorwise):
     data = torch.empty(data_shape, dtype=fmt.data_dtype, device=x.device)
     br, bk = block
     nr, nk = (R // br if br else 0), (K // bk if bk else 0)
-    zero_scale = {"fp8": 1.0, "mx": 0, "nvfp4": 2.0**-6}[fmt.kind]
-    scale = torch.full(() if tensorwise else (nr, nk), zero_scale, dtype=torch.float32, device=x.device)
+    zero_scale = {"fp8": 1.0, "mx": 0, "nvfp4": 2.0**-6, "int4": 0.0}[fmt.kind]
+    record = (fmt.scale_fields,) if fmt.scale_fields else ()
+    scale = torch.full(() if tensorwise else (nr, nk) + record, zero_scale, dtype=torch.float32, device=x.device)
     scale = scale.to(fmt.scale_dtype)
     gs = torch.ones((), dtype=torch.float32, device=x.device) if fmt.kind == "nvfp4" else None
     return QTensor(data, scale, gs, fmt, x.shape, axis, block)
@@ -178,6 +208,8 @@ def _layout(spec, name: str, T: int, K: int, transposed: bool):
         raise TypeError(f"{name}: expected a lowbit.QuantizeSpec, got {type(spec).__name__}")
     try:
         fmt = get_format(spec.fmt)
+        if fmt.kind == "int4":
+            raise ValueError(f"fmt: {fmt.name} is quantized along one dim only; use lowbit.quantize")
         _check_rounding(spec.rounding)
         seed = _check_seed(spec.seed)
         if isinstance(spec.pad, bool) or not isinstance(spec.pad, int) or spec.pad < 1:

@@ -18,7 +18,8 @@ class QTensor:
            nibble of byte i, 2i+1 in the high nibble), shape = shape with axis moved last
            (last dim halved when packed).
     scale: per-block scales, shape [R / br, K / bk] over the [R, K] view (0-d when tensor-wise);
-           fp32 for FP8 (x ~ q * scale), E8M0 exponent bytes (uint8) for MX, float8_e4m3fn for NVFP4.
+           fp32 for FP8 (x ~ q * scale), E8M0 exponent bytes (uint8) for MX, float8_e4m3fn for NVFP4;
+           INT4: [R, K / g, fields], an fp32 record per group (`lowbit.backends.ref`, "INT4").
     global_scale: NVFP4 only, the fp32 encode scale 448 * 6 / amax; None otherwise.
     block: (br, bk) over the [R, K] view.
     """
@@ -54,7 +55,9 @@ class QTensor:
         R, K = self.R, self.K
         data = self.data.reshape(R, K // 2 if self.fmt.packed else K)
         br, bk = self.block
-        scale = self.scale.reshape(R // br if br else 0, K // bk if bk else 0) if not self.tensorwise else self.scale.reshape(1, 1)
+        record = self.scale.shape[2:]  # INT4's per-group record (fmt.scale_fields)
+        scale = self.scale.reshape(R // br if br else 0, K // bk if bk else 0, *record) if not self.tensorwise \
+            else self.scale.reshape(1, 1)
         gs = self.global_scale if self.global_scale is not None else torch.ones((), dtype=torch.float32, device=data.device)
         return QParts(data, scale, gs, self.fmt, self.block, K)
 
@@ -78,6 +81,9 @@ class QTensor:
         if len(self.shape) != 2 or self.axis != 1:
             raise ValueError("t(): expected a 2-D QTensor quantized along its last dim (axis=-1)")
         br, bk = self.block
+        if self.fmt.kind == "int4":
+            raise ValueError("t(): INT4 groups (and their kept values) lie along K; quantize the source along the "
+                             "other axis instead")
         if not (self.tensorwise or br == bk):
             raise ValueError(
                 f"t(): blocks {self.block} are not square, so the transpose is not the same quantization; "

@@ -10,6 +10,8 @@ backends build it with the same function below:
     dequantize(data, scale, global_scale, kind, elem, br, bk, K, out_dtype)
     cast(x, elem, rounding, seed)
     hadamard(x, block, seed, inverse)
+    int4_quantize(x, weight, g, rounding, seed, inner)     (INT4: weight = the asymmetric uint4 format)
+    int4_dequantize(data, scale, weight, g, K)             (fp32 out)
 seed is the 64-bit Philox key as the signed int64 with the same bits (`seed64`), or None for
 hadamard's plain transform; global_amax is None or a one-element fp32 tensor.
 """
@@ -69,6 +71,14 @@ def cast_args(x, dtype, rounding, seed) -> tuple:
     if dtype not in CAST_ELEMS:
         raise TypeError(f"dtype: expected one of {list(CAST_ELEMS)}, got {dtype!r}")
     return (x, CAST_ELEMS[dtype], code("rounding", rounding), seed64(seed))
+
+
+def int4_quantize_args(x, fmt, block, rounding, seed, inner) -> tuple:
+    return (x, not fmt.elem.signed, int(block[1]), code("rounding", rounding), seed64(seed), int(inner))
+
+
+def int4_dequantize_args(data, scale, fmt, block, K) -> tuple:
+    return (data, scale.to(torch.float32), not fmt.elem.signed, int(block[1]), int(K))
 
 
 def hadamard_args(x, block, seed, inverse) -> tuple:

@@ -232,6 +232,9 @@ def choose(a_fmt, a_tile, b_fmt, b_tile, out_dtype: torch.dtype = torch.bfloat16
     fa, fb = get_format(a_fmt), get_format(b_fmt)
     cap = capability_of(capability)
     f = features or detect()
+    if "int4" in (fa.kind, fb.kind):
+        return Plan("dequant", f"{fa.name} x {fb.name}: INT4 groups carry zero points or kept values that no GEMM "
+                    "kernel reads; both operands are dequantized (the Stable-SPAM set-up's GEMMs run in high precision)")
     got = _scaled_mm_plan(fa, layout(fa, tuple(a_tile)), fb, layout(fb, tuple(b_tile)), out_dtype, cap, f, shape)
     if isinstance(got, Plan):
         return got

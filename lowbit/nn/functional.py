@@ -118,11 +118,12 @@ class LowBitLinearFunction(torch.autograd.Function):
         clamp = recipe.activation_clamp_quantile
         saved_x = qx = xt_q = None
         wseed = 0
+        fseed = draw_seed() if fi is not None and fi.rounding == "stochastic" else 0  # fresh noise every step
         if fi is not None and wi is not None and clamp is None and not _reuse_transposed(fi, wi):
             # x along in_features (fprop) and along tokens (wgrad) in one op; the wgrad seed is drawn
             # before the fprop GEMM instead of after it, the same seed as nothing between draws one
             wseed = _wgrad_seed(recipe)
-            qx, xt_q = quantize_dual(x, operand_spec(fi, 0, fi.rows_multiple()),
+            qx, xt_q = quantize_dual(x, operand_spec(fi, fseed, fi.rows_multiple()),
                                      operand_spec(wi, wseed, _wgrad_pad(recipe)))
         if fi is None:
             y = x.float() @ weight.float().t()
@@ -131,7 +132,7 @@ class LowBitLinearFunction(torch.autograd.Function):
             if clamp is not None:
                 xin, residual = clamp_outliers(x, clamp)
             if qx is None:
-                qx = quantize_operand(pad_rows(xin, fi.rows_multiple()), fi)
+                qx = quantize_operand(pad_rows(xin, fi.rows_multiple()), fi, fseed)
             # fp32 accumulation always; the GEMM writes the output dtype itself unless fp32 terms follow
             fp32_terms = bias is not None or (residual is not None and recipe.clamp_compensation)
             y = qmatmul(qx, wq.fprop, out_dtype=torch.float32 if fp32_terms else out_dtype)[:T]
@@ -141,7 +142,10 @@ class LowBitLinearFunction(torch.autograd.Function):
         if bias is not None:
             y = y + bias.float()
 
-        if wi is None:
+        xq = None  # x^ as fprop quantized it, for a high-precision wgrad that reads it (backward_operands)
+        if wi is None and recipe.backward_operands == "dequantized":
+            xq = qx
+        elif wi is None:
             saved_x = x
         elif xt_q is None and fi is not None and _reuse_transposed(fi, wi) and clamp is None:
             xt_q = qx.t()
@@ -151,8 +155,9 @@ class LowBitLinearFunction(torch.autograd.Function):
         xt_tensors, ctx.xt_meta = _pack(xt_q)
         wf_tensors, ctx.wf_meta = _pack(wq.fprop)
         wd_tensors, ctx.wd_meta = _pack(wq.dgrad)
+        xq_tensors, ctx.xq_meta = _pack(xq)
         ctx.n = (len(xt_tensors), len(wf_tensors), len(wd_tensors))
-        ctx.save_for_backward(weight, saved_x, *xt_tensors, *wf_tensors, *wd_tensors)
+        ctx.save_for_backward(weight, saved_x, *xt_tensors, *wf_tensors, *wd_tensors, *xq_tensors)
         ctx.recipe, ctx.wseed, ctx.T = recipe, wseed, T
         ctx.x_dtype, ctx.bias_dtype = x.dtype, None if bias is None else bias.dtype
         return y.to(out_dtype)
@@ -164,7 +169,9 @@ class LowBitLinearFunction(torch.autograd.Function):
         nx, nf, nd = ctx.n
         xt_q = _unpack(rest[:nx], ctx.xt_meta)
         wf_q = _unpack(rest[nx:nx + nf], ctx.wf_meta)
-        wd_q = _unpack(rest[nx + nf:], ctx.wd_meta)
+        wd_q = _unpack(rest[nx + nf:nx + nf + nd], ctx.wd_meta)
+        xq = _unpack(rest[nx + nf + nd:], ctx.xq_meta)
+        hp_dequantized = recipe.backward_operands == "dequantized"  # high-precision GEMMs read W^, x^
         T = ctx.T
         dy = dy.reshape(T, -1)
 
@@ -173,7 +180,7 @@ class LowBitLinearFunction(torch.autograd.Function):
         qdy = qdyt = None
         if ctx.needs_input_grad[0]:
             if dg is None:
-                dx = dy.float() @ weight.float()
+                dx = dy.float() @ (dequantize(wf_q) if hp_dequantized else weight.float())
             else:
                 seed = draw_seed() if dg.rounding == "stochastic" else 0
                 if ctx.needs_input_grad[1] and wg is not None and not _reuse_transposed(dg, wg):
@@ -186,7 +193,7 @@ class LowBitLinearFunction(torch.autograd.Function):
             dx = dx.to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             if wg is None:
-                dw = dy.float().t() @ saved_x.float()
+                dw = dy.float().t() @ (dequantize(xq)[:T] if xq is not None else saved_x.float())
             else:
                 if qdyt is None and qdy is not None and _reuse_transposed(dg, wg):
                     qdyt = qdy.t()

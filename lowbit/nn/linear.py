@@ -36,7 +36,7 @@ class LowBitLinear(nn.Module):
     """y = x W^T + b with fprop / dgrad / wgrad in the precision `recipe` names (fp32 accumulation).
 
     recipe: a `Recipe`, a built-in name ("bf16", "fp8-tensorwise", "fp8-rowwise", "fp8-blockwise",
-        "mxfp8", "mxfp4", "nvfp4", "fp4-dge") or a recipe YAML path.
+        "mxfp8", "mxfp4", "nvfp4", "fp4-dge", "int4") or a recipe YAML path.
     transposed_weight: store W as [in, out] (transformers' Conv1D layout) instead of [out, in].
     Output dtype: the input's, or the autocast dtype when autocast is on (as nn.Linear).
     """

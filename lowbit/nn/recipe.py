@@ -27,6 +27,7 @@ OPERANDS = ("fprop_input", "fprop_weight", "dgrad_grad", "dgrad_weight", "wgrad_
 GEMMS = {"fprop": ("fprop_input", "fprop_weight"), "dgrad": ("dgrad_grad", "dgrad_weight"),
          "wgrad": ("wgrad_grad", "wgrad_input")}
 ESTIMATORS = ("ste", "dge")
+BACKWARD_OPERANDS = ("original", "dequantized")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class Operand:
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding: expected one of {ROUNDINGS}, got {self.rounding!r}")
         h = self.hadamard
+        if h is not None and self.format.kind == "int4":
+            raise ValueError(f"hadamard: {self.fmt} has no Hadamard transform")
         if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < HADAMARD_MIN or h > HADAMARD_MAX
                               or h & (h - 1)):
             raise ValueError(f"hadamard: expected None or a power of two in [{HADAMARD_MIN}, {HADAMARD_MAX}], got {h!r}")
@@ -108,6 +111,9 @@ class Recipe:
         added back.
     keep_last_fraction: the last ceil(fraction * n_blocks) transformer blocks stay in high precision
         at `convert` time (NVFP4 keeps 15 %); keep_lm_head keeps the output head.
+    backward_operands: what a dgrad / wgrad GEMM kept in high precision reads: "original" (W and x
+        as given) or "dequantized" (W^ and x^ as fprop quantized them, dx = dy W^ and dW = dy^T x^,
+        as Stable-SPAM's INT4 code does; x is then saved quantized for backward).
     """
 
     name: str
@@ -125,6 +131,7 @@ class Recipe:
     clamp_compensation: bool = True
     keep_last_fraction: float = 0.0
     keep_lm_head: bool = True
+    backward_operands: str = "original"
 
     def __post_init__(self):
         for name in OPERANDS:
@@ -161,6 +168,15 @@ class Recipe:
             raise ValueError("activation_clamp_quantile: needs a quantized fprop_input")
         if not 0 <= self.keep_last_fraction <= 1:
             raise ValueError(f"keep_last_fraction: expected a fraction in [0, 1], got {self.keep_last_fraction}")
+        if self.backward_operands not in BACKWARD_OPERANDS:
+            raise ValueError(f"backward_operands: expected one of {BACKWARD_OPERANDS}, got {self.backward_operands!r}")
+        if self.backward_operands == "dequantized" and self.fprop_input is None:
+            raise ValueError("backward_operands: 'dequantized' reads fprop's quantized x and W; fprop_input and "
+                             "fprop_weight must be quantized")
+        for name in OPERANDS:
+            op = getattr(self, name)
+            if op is not None and op.format.kind == "int4" and name not in GEMMS["fprop"]:
+                raise ValueError(f"{name}: {op.fmt} groups lie along in_features; INT4 quantizes fprop's x and W only")
 
     @property
     def quantizes(self) -> bool:
@@ -246,6 +262,12 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            Operand("nvfp4", (1, 16)), Operand("nvfp4", (16, 16)),
            _fp8(E5, "row"), _fp8(E4, "row"), _fp8(E5, "row"), _fp8(E4, "row"),
            weight_estimator="dge", activation_clamp_quantile=0.99),
+    Recipe("int4", "Stable-SPAM's INT4 set-up: weights asymmetric uint4 with a zero point per group of 256 along "
+           "in_features, activations symmetric int4 per group of 256 with the 2 largest |x| kept exact and stochastic "
+           "rounding; fprop on the dequantized x^ and W^, dgrad (dy W^) and wgrad (dy^T x^) in high precision. The "
+           "activation group is the one the official code runs (its launch script's 64 is never read).",
+           Operand("int4_act", (1, 256), SR), Operand("int4_weight", (1, 256)),
+           backward_operands="dequantized"),
 )}
 RECIPE_NAMES = tuple(RECIPES)
 

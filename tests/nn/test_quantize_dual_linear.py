@@ -10,7 +10,7 @@ import lowbit
 from lowbit.nn import functional as F
 from lowbit.nn.recipe import RECIPES
 
-QUANTIZED = [name for name, r in RECIPES.items() if r.quantizes]
+QUANTIZED = [name for name, r in RECIPES.items() if r.quantizes and r.wgrad_input is not None]  # int4: fprop only
 # quantize_dual calls per forward + backward: x, dy, W, less the tensors whose second layout is the
 # first transposed (tensor-wise / square tiles) or whose fprop input is clamped first (fp4-dge)
 DUAL_CALLS = {"fp8-tensorwise": 0, "fp8-rowwise": 3, "fp8-blockwise": 2, "mxfp8": 3, "mxfp4": 3, "nvfp4": 3,

@@ -26,7 +26,7 @@ ALL_SCALINGS = frozenset({"TensorWise", "RowWise", "BlockWise1x16", "BlockWise1x
 FEAT = gemm.Features(torch=(2, 11), cuda=(12, 9), f_scaled_mm=True, v1_scaled_mm=True, scalings=ALL_SCALINGS,
                      swizzles=frozenset({"NO_SWIZZLE", "SWIZZLE_32_4_4"}), triton=None)
 V1 = dataclasses.replace(FEAT, f_scaled_mm=False, scalings=frozenset(), swizzles=frozenset())
-S_, T_ = "scaled_mm", "triton"
+S_, T_, D_ = "scaled_mm", "triton", "dequant"
 CAPS = ("8.0", "8.6", "8.9", "9.0", "10.0", "12.0")
 FP8_TW = dict.fromkeys(CAPS[:2], (T_,) * 3) | dict.fromkeys(CAPS[2:], (S_,) * 3)
 EXPECTED = {  # recipe: {capability: (fprop, dgrad, wgrad)}, bf16 output
@@ -38,6 +38,7 @@ EXPECTED = {  # recipe: {capability: (fprop, dgrad, wgrad)}, bf16 output
     "nvfp4": dict.fromkeys(CAPS, (T_,) * 3) | {"10.0": (S_,) * 3, "12.0": (S_,) * 3},
     "fp4-dge": dict.fromkeys(CAPS[:2], (T_,) * 3) | dict.fromkeys(("8.9", "9.0"), (T_, S_, S_))
     | {"10.0": (S_,) * 3, "12.0": (S_,) * 3},
+    "int4": dict.fromkeys(CAPS, (D_,)),  # fprop only: dgrad and wgrad run in high precision
 }
 
 
@@ -48,7 +49,7 @@ def test_every_recipe_gemm_has_the_expected_path_and_a_reason(cap):
     got = {}
     for recipe, name, _, _, plan in rows:
         if plan is None:
-            assert recipe == "bf16"
+            assert recipe in ("bf16", "int4")
             continue
         assert plan.path in gemm.PATHS and plan.reason
         if plan.path == "scaled_mm":
@@ -278,7 +279,8 @@ def test_gemm_report_lists_every_recipe_and_gemm(cap):
     for name in RECIPES:
         assert f"\n{name}\n" in text
     paths = [ln.split("->")[1].split()[0] for ln in text.splitlines() if "->" in ln]
-    assert len(paths) == 3 * (len(RECIPES) - 1) and set(paths) <= set(gemm.PATHS)
+    quantized = sum(r.gemm(g)[0] is not None for r in RECIPES.values() for g in gemm.GEMM_ROLES)
+    assert len(paths) == quantized and set(paths) <= set(gemm.PATHS)
 
 
 def test_env_gemm_command_line():

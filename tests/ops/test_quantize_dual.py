@@ -79,7 +79,7 @@ def recipe_pairs():
     nn.functional builds them (tokens padded for the wgrad layout; T = 20 is a multiple of none)."""
     out = []
     for name, r in RECIPES.items():
-        if not r.quantizes:
+        if not r.quantizes or r.wgrad_input is None:  # int4 quantizes fprop's operands only
             continue
         wpad = max(r.wgrad_input.reduction_multiple(), r.wgrad_grad.reduction_multiple())
         feat = 128 if any(o.tile()[1] == 128 for o in (r.fprop_input, r.dgrad_grad)) else 64

@@ -60,6 +60,26 @@ Signs: `s_j = -1` iff the top bit of word `j mod 4` of Philox4x32-10 with counte
 `(j div 4, 0, 1, 0)` and the seed's key is set (a stream disjoint from the rounding bits);
 no seed means all `s_j = +1`.
 
+INT4 (Stable-SPAM's formats; `int4` module)
+-------------------------------------------
+Groups are 1 x g blocks along K (g divides K; 256 by default). x is made fp32 first, then every
+step below is one fp32 operation, left to right; `FLT(c)` is the fp32 nearest c.
+`round(v)`: n = floor(|v|), frac = |v| - n (exact), n + 1 iff frac > 1/2 or (frac == 1/2 and n odd)
+  (nearest, ties to even) or iff frac > u (stochastic, u as above with the element's index i), then
+  v's sign (-0 -> 0).
+int4_weight (asymmetric uint4, codes [0, 15]): `d = max_j w_j - min_j w_j`, `d = max(d, FLT(1e-5))`,
+  `s = d / 15`; zero point `z = clamp(-round(min_j w_j / s), 0, 15)`, always to nearest;
+  `q_j = clamp(round(w_j / s) + z, 0, 15)`. Decode `w'_j = (q_j - z) * s`. Record `(s, z)`.
+int4_act (symmetric int4, codes [-8, 7]): i0 = position of the largest |x_j|, i1 = that of the
+  largest of the rest (ties: the lowest position), kept exactly: v0 = x_i0, v1 = x_i1, and
+  `y_j = x_j` except `y_i0 = y_i1 = 0`. `s = max(max_j |y_j|, FLT(1e-6))`, `t = 1 / s * 7` (two
+  roundings: how PyTorch evaluates the official `7 / scale`), `q_j = clamp(round(y_j * t), -8, 7)`
+  (0 at i0, i1). Decode `x'_j = q_j * s / 7`, then `x'_i0 = v0`, `x'_i1 = v1`. Record
+  `(s, v0, v1, i0, i1)`, the positions in the group as fp32 integers.
+Storage: codes two per byte as FP4 (int4 as two's complement nibbles); `scale` is the fp32 record
+per group, [R, K / g, 2] or [R, K / g, 5]; `global_scale` is 1 (unused). A group holding NaN or Inf
+gets codes 0 and the record (NaN, 0) or (NaN, NaN, NaN, 0, 1), NaN = 0x7FC00000: it decodes to NaN.
+
 GEMM: `qmatmul(a, b) = dequantize(a) @ dequantize(b).T` in fp32, then cast to the output dtype.
 """
 from __future__ import annotations

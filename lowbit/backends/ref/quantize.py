@@ -8,6 +8,7 @@ import torch
 from ...bits import element_index, pack_fp4, random_bits, uniform_from_bits, unpack_fp4
 from ...formats import E2M1, E4M3, ELEMENT_OF_DTYPE, Element, Format
 from .hadamard import hadamard
+from .int4 import dequantize_int4, quantize_int4
 
 NVFP4_ENC = 448.0 * 6.0
 FP4_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -158,6 +159,8 @@ def nvfp4_block_scale(amax_blk: torch.Tensor, s_enc: torch.Tensor) -> torch.Tens
 # ----------------------------------------------------------------------------- quantize
 def quantize(x, fmt: Format, block, rounding, seed, scale_mode, global_amax, hadamard_block, inner):
     """[R, K] float -> (data, scale, global_scale) per the module docstring."""
+    if fmt.kind == "int4":  # its own rules (no Hadamard transform, no scale modes)
+        return quantize_int4(x, fmt, block, rounding, seed, inner)
     R, K = x.shape
     br, bk = block
     v = x.to(torch.float32)
@@ -192,6 +195,8 @@ def quantize(x, fmt: Format, block, rounding, seed, scale_mode, global_amax, had
 
 
 def dequantize(data, scale, global_scale, fmt: Format, block, K: int, dtype: torch.dtype) -> torch.Tensor:
+    if fmt.kind == "int4":
+        return dequantize_int4(data, scale, fmt, block, K, dtype)
     br, bk = block
     if fmt.packed:
         q = decode_fp4(unpack_fp4(data))

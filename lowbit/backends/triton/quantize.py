@@ -19,6 +19,10 @@ def cast(x: torch.Tensor, dtype: torch.dtype, rounding: str, seed: int) -> torch
 def quantize(x, fmt, block, rounding, seed, scale_mode, global_amax, hadamard_block, inner):
     check(x)
     code("rounding", rounding)
+    if fmt.kind == "int4":
+        from . import _int4  # lazy, as above
+
+        return _int4.quantize(x, fmt, tuple(block), rounding, seed, inner)
     code("kind", fmt.kind)
     code("scale_mode", scale_mode)
     from . import _quantize  # lazy, as above
@@ -28,6 +32,10 @@ def quantize(x, fmt, block, rounding, seed, scale_mode, global_amax, hadamard_bl
 
 def dequantize(data, scale, global_scale, fmt, block, K: int, dtype: torch.dtype) -> torch.Tensor:
     check(data)
+    if fmt.kind == "int4":
+        from . import _int4  # lazy, as above
+
+        return _int4.dequantize(data, scale, fmt, tuple(block), K, dtype)
     from . import _dequantize  # lazy, as above
 
     return _dequantize.dequantize(data, scale, global_scale, fmt, tuple(block), K, dtype)
