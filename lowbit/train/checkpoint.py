@@ -21,17 +21,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import random
 import re
 import shutil
-import warnings
 
 import numpy as np
 import torch
 
 from ..errors import CheckpointError
 from . import dist as D
+from .loading import load_file, torch_error  # noqa: F401  (load_file: re-exported, the one loader)
 from .model import hf_copy
 
 _STEP = re.compile(r"^step_(\d{8})$")
@@ -151,35 +150,6 @@ def newest_intact(run_dir: str, warn) -> tuple[str | None, list[str]]:
 
 
 # ---- loading -------------------------------------------------------------------------------------
-def _torch_error(path: str, e: BaseException) -> CheckpointError:
-    text = str(e)
-    hostile = re.search(r"GLOBAL ([\w.]+)", text)
-    if hostile:
-        return CheckpointError(f"{path}: refused: the file asks to import {hostile.group(1)}, so loading it could "
-                               "run code; lowbit loads checkpoints only as tensors and plain containers")
-    if isinstance(e, PermissionError):
-        return CheckpointError(f"{path}: cannot read it ({e.strerror})")
-    if isinstance(e, (EOFError, RuntimeError, OSError)) or "Weights only load failed" in text:
-        reason = "empty" if isinstance(e, EOFError) else "not a complete torch file"
-        return CheckpointError(f"{path}: damaged ({reason}); use an intact checkpoint "
-                               "(`lowbit verify RUN_DIR` lists them)")
-    return CheckpointError(f"{path}: cannot load ({type(e).__name__}: {text.splitlines()[0] if text else ''})")
-
-
-def load_file(path: str, map_location=None):
-    """``torch.load(path, weights_only=True)``; a missing, damaged or code-running file raises CheckpointError
-    naming it."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: missing")
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # garbled files trip it
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError, AttributeError, KeyError,
-            IndexError) as e:  # what torch's zip and pickle readers raise on a damaged file
-        raise _torch_error(path, e) from None
-
-
 def load_hf(where: str, need_tokenizer: bool = True):
     """(model, tokenizer or None) of an HF export dir; a damaged export raises CheckpointError naming it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # optional and slow to import: only when loading
@@ -187,7 +157,7 @@ def load_hf(where: str, need_tokenizer: bool = True):
     try:
         model = AutoModelForCausalLM.from_pretrained(where, local_files_only=True)
     except Exception as e:  # transformers / safetensors raise many types for a damaged export
-        raise _torch_error(where, e) from None
+        raise torch_error(where, e) from None
     try:
         tok = AutoTokenizer.from_pretrained(where, local_files_only=True)
     except Exception as e:  # an export without a tokenizer (e.g. the random base model of a seer smoke run)

@@ -27,6 +27,7 @@ import torch.distributed as tdist
 from .. import launcher
 from ..errors import CheckpointError, UserError
 from ..optim import zero
+from .loading import load_file
 from .model import clear_weight_caches
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "deepspeed")
@@ -185,7 +186,6 @@ class TorchEngine(StepAdapter):
             torch.save(self.optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
 
     def load(self, folder: str, trainer_state: dict) -> None:
-        from .checkpoint import load_file  # checkpoint imports this module
 
         for name, target in (("model.pt", self.module), ("optimizer.pt", self.optimizer)):
             path = os.path.join(folder, name)
