@@ -1,11 +1,16 @@
-"""The three arms of `lowbit report convergence`, as lists of run specifications.
+"""The arms of `lowbit report convergence`, as lists of run specifications.
 
   ladder  recipe ladder: bf16 (several seeds: the noise band) vs fp8-tensorwise, mxfp8, nvfp4,
-          nvfp4 without RHT, nvfp4 without SR, mxfp4; one seed each
-  optim   an FP4 recipe (mxfp4) with AdamW vs SPAM vs Stable-SPAM, clean and with injected
-          gradient spikes (`lowbit.report.spikes`)
+          nvfp4 without RHT, nvfp4 without SR, mxfp4, int4; `recipe_seeds` seeds each
+  optim   cells "recipe:optimizer" (default mxfp4 with AdamW, SPAM, Stable-SPAM) over `optim_seeds`
+          seeds, clean and / or with injected gradient spikes (`lowbit.report.spikes`)
+  merge   a bf16 run at a constant learning rate whose last checkpoints are merged with WSM's
+          weights (`lowbit merge`), against the cosine-decay bf16 runs of the ladder
   sft     from the bf16 seed-0 checkpoint of the ladder: SFT on a strong-prior and a weak-prior
           task (`lowbit.report.sft_tasks`) with nll vs neg_p vs threshold
+
+A clean optim run of AdamW with a recipe and seed the ladder already runs is that ladder run (the
+spike loop without spikes gives `lowbit.train.run`'s losses bit for bit), so it is planned once.
 
 Every run shares `Settings` (model, data, steps, learning rate); a spec adds only what its arm
 varies. Specs are plain data: `runner.execute` turns one into a `lowbit.train` config and runs it.
@@ -16,8 +21,10 @@ from dataclasses import dataclass, field
 
 from .spikes import SpikePlan
 
-ARMS = ("ladder", "optim", "sft")
-LADDER = ("bf16", "fp8-tensorwise", "mxfp8", "nvfp4", "nvfp4-no-rht", "nvfp4-no-sr", "mxfp4")
+ARMS = ("ladder", "optim", "merge", "sft")
+DEFAULT_ARMS = ("ladder", "optim", "sft")
+LADDER = ("bf16", "fp8-tensorwise", "mxfp8", "nvfp4", "nvfp4-no-rht", "nvfp4-no-sr", "mxfp4", "int4")
+CONDITIONS = ("clean", "spikes")
 BASELINE = "bf16"
 OPTIM_RECIPE = "mxfp4"
 OPTIMIZERS = ("adamw", "spam", "stable_spam")
@@ -48,7 +55,14 @@ class Settings:
     sft_val_examples: int = 128
     spikes: SpikePlan = field(default_factory=SpikePlan)
     recipes: tuple[str, ...] = LADDER  # ladder arm (must include the bf16 baseline)
-    optimizers: tuple[str, ...] = OPTIMIZERS  # optim arm (gaps are taken against adamw)
+    recipe_seeds: int = 1  # seeds of every other ladder recipe (paired with the baseline's first seeds)
+    optimizers: tuple[str, ...] = OPTIMIZERS  # optim arm with `cells` empty: OPTIM_RECIPE x these
+    cells: tuple[str, ...] = ()  # optim arm: "recipe:optimizer" (gaps are taken against the recipe's adamw)
+    optim_seeds: int = 1
+    conditions: tuple[str, ...] = CONDITIONS  # optim arm: clean and / or with injected spikes
+    merge_checkpoints: int = 10  # merge arm: checkpoints over the run (every steps / this)
+    merge_last: int = 5  # ... of which the last this many are merged
+    wgrad_draws: int = 32  # draws of the weight-gradient estimator section (0 = leave it out)
     objectives: tuple[str, ...] = OBJECTIVES  # sft arm (gaps are taken against nll)
     overrides: tuple[str, ...] = ()  # key=value overrides applied to every run last
 
@@ -73,6 +87,9 @@ class RunSpec:
     inject: bool = False
     sft_task: str | None = None
     needs: str | None = None  # name of the run whose checkpoint this one starts from
+    recipe: str = "bf16"  # pretraining runs: what `claims` groups them by
+    optimizer: str = "adamw"
+    condition: str = "clean"  # clean | spikes | constant-lr (the merge arm's run)
 
 
 def pretrain_overrides(s: Settings, steps: int, seed: int) -> list[str]:
@@ -83,23 +100,59 @@ def pretrain_overrides(s: Settings, steps: int, seed: int) -> list[str]:
 def ladder(s: Settings, recipes: tuple[str, ...] | None = None) -> list[RunSpec]:
     specs = []
     for r in recipes or s.recipes:
-        seeds = range(s.seed, s.seed + s.baseline_seeds) if r == BASELINE else (s.seed,)
-        for seed in seeds:
+        n = s.baseline_seeds if r == BASELINE else s.recipe_seeds
+        for seed in range(s.seed, s.seed + n):
             specs.append(RunSpec("ladder", f"ladder-{r}-s{seed}", "pretrain", r, seed,
-                                 tuple(pretrain_overrides(s, s.steps, seed) + [f"quant.recipe={r}"])))
+                                 tuple(pretrain_overrides(s, s.steps, seed) + [f"quant.recipe={r}"]), recipe=r))
     return specs
 
 
-def optim(s: Settings, recipe: str = OPTIM_RECIPE) -> list[RunSpec]:
+def cells(s: Settings) -> list[tuple[str, str]]:
+    """The optim arm's (recipe, optimizer) pairs."""
+    if not s.cells:
+        return [(OPTIM_RECIPE, o) for o in s.optimizers]
+    out = []
+    for c in s.cells:
+        recipe, sep, opt = c.partition(":")
+        if not sep or not recipe or opt not in OPTIMIZERS:
+            raise ValueError(f"cells: expected 'recipe:optimizer' with an optimizer in {list(OPTIMIZERS)}, got {c!r}")
+        out.append((recipe, opt))
+    return out
+
+
+def optim(s: Settings) -> list[RunSpec]:
     specs = []
-    for inject in (False, True):
-        for o in s.optimizers:
-            cond = "spikes" if inject else "clean"
-            specs.append(RunSpec("optim", f"optim-{recipe}-{o}-{cond}-s{s.seed}", "pretrain", f"{o} {cond}", s.seed,
-                                 tuple(pretrain_overrides(s, s.steps, s.seed) + [f"quant.recipe={recipe}",
-                                                                                 f"optim.name={o}"]),
-                                 spikes=True, inject=inject))
+    for cond in s.conditions:
+        if cond not in CONDITIONS:
+            raise ValueError(f"conditions: expected a subset of {list(CONDITIONS)}, got {list(s.conditions)}")
+        for recipe, o in cells(s):
+            for seed in range(s.seed, s.seed + s.optim_seeds):
+                specs.append(RunSpec("optim", f"optim-{recipe}-{o}-{cond}-s{seed}", "pretrain", f"{o} {cond}", seed,
+                                     tuple(pretrain_overrides(s, s.steps, seed) + [f"quant.recipe={recipe}",
+                                                                                   f"optim.name={o}"]),
+                                     spikes=True, inject=cond == "spikes", recipe=recipe, optimizer=o,
+                                     condition=cond))
     return specs
+
+
+def merge_every(s: Settings) -> int:
+    return max(1, s.steps // s.merge_checkpoints)
+
+
+def merge(s: Settings) -> list[RunSpec]:
+    """The constant-learning-rate bf16 run whose checkpoints the merge arm averages."""
+    every = merge_every(s)
+    over = pretrain_overrides(s, s.steps, s.seed) + [f"quant.recipe={BASELINE}", "optim.schedule=constant",
+                                                     f"train.checkpoint_every={every}",
+                                                     f"train.keep_checkpoints={s.merge_last}"]
+    return [RunSpec("merge", f"merge-{BASELINE}-constant-s{s.seed}", "pretrain", "constant-lr", s.seed, tuple(over),
+                    recipe=BASELINE, condition="constant-lr")]
+
+
+def _same_run(a: RunSpec, b: RunSpec) -> bool:
+    """A clean optim run that a ladder run already is (same recipe, AdamW, seed and overrides)."""
+    return (a.optimizer == b.optimizer == "adamw" and not a.inject and a.recipe == b.recipe and a.seed == b.seed
+            and set(a.overrides) - {"optim.name=adamw"} == set(b.overrides))
 
 
 def sft(s: Settings) -> list[RunSpec]:
@@ -115,7 +168,7 @@ def sft(s: Settings) -> list[RunSpec]:
     return specs
 
 
-def plan(s: Settings, arms: tuple[str, ...] = ARMS) -> list[RunSpec]:
+def plan(s: Settings, arms: tuple[str, ...] = DEFAULT_ARMS) -> list[RunSpec]:
     """Every run the chosen arms need, in order (the sft arm's pretrained base first when needed)."""
     if BASELINE not in s.recipes:
         raise ValueError(f"recipes: the ladder needs its baseline {BASELINE!r}, got {list(s.recipes)}")
@@ -123,7 +176,10 @@ def plan(s: Settings, arms: tuple[str, ...] = ARMS) -> list[RunSpec]:
     if "ladder" in arms:
         specs += ladder(s)
     if "optim" in arms:
-        specs += optim(s)
+        lad = list(specs)
+        specs += [sp for sp in optim(s) if not any(_same_run(sp, ls) for ls in lad)]
+    if "merge" in arms:
+        specs += merge(s)
     if "sft" in arms:
         if "ladder" not in arms:
             specs += [sp for sp in ladder(s, (BASELINE,)) if sp.seed == s.seed]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -15,13 +17,15 @@ import torch
 
 from ..machine import machine_name
 from . import arms as A
-from . import noise, plots, runner, sft_tasks
+from . import claims, merging, noise, plots, runner, sft_tasks, wgrad_noise
 
 PAPER = {
     "ladder": "NVFP4 pretraining recipe paper: FP8 and MXFP8 track BF16; NVFP4 with RHT, SR and 2D weights stays "
               "close to BF16 while removing RHT or SR costs loss; MXFP4 is the worst of the ladder.",
     "optim": "Stable-SPAM paper: in 4-bit training Stable-SPAM reaches the lowest loss, SPAM is next and Adam is worst; "
              "the gap widens when gradients spike.",
+    "merge": "WSM paper: merging the checkpoints of a constant-learning-rate run with decay-emulating weights "
+             "matches or beats a run with learning-rate decay at the same token budget.",
     "sft": "Beyond Log Likelihood paper: probability-based objectives (-p, thresholded NLL) beat NLL when the model "
            "already has a strong prior on the task; NLL wins when the prior is weak.",
 }
@@ -54,26 +58,33 @@ def analyse_ladder(res: dict[str, runner.Result], k: float) -> dict:
     return {"band": asdict(b) | {"rel_std": b.rel_std}, "rows": rows}
 
 
-def analyse_optim(res: dict[str, runner.Result], rel_std: float | None, k: float) -> dict:
-    runs = [r for r in res.values() if r.spec.arm == "optim"]
+def analyse_optim(res: dict[str, runner.Result], s: A.Settings, sigma: float | None, k: float) -> dict:
+    """Per condition, every cell of the optim arm against its recipe's AdamW (seeds averaged; see `claims`)."""
+    table = claims.cells(res.values())
     out = {}
-    for cond in ("clean", "spikes"):
-        rs = {r.spec.group.split()[0]: r for r in runs if r.spec.group.endswith(cond)}
-        if not rs:
-            continue
-        adam = rs.get("adamw")
+    for cond in s.conditions:
         rows = []
-        for name, r in rs.items():
-            gap = (r.val_loss - adam.val_loss) / adam.val_loss if adam and adam.ok else math.nan
-            sig = gap / rel_std if rel_std and not math.isnan(gap) else math.nan
-            verdict = "reference" if name == "adamw" else (
-                noise.NO_BAND if math.isnan(sig) else noise.INDISTINGUISHABLE if abs(sig) <= k
-                else noise.BETTER if sig < 0 else noise.WORSE)
-            rows.append({"run": r.spec.name, "optimizer": name, "status": r.summary["status"], "val_loss": r.val_loss,
-                         "train_loss": r.summary.get("train_loss"), "gap_vs_adamw": gap, "sigmas": sig,
-                         "verdict": verdict, "spiked_steps": r.summary.get("spiked_steps")})
-        order = [x["optimizer"] for x in sorted(rows, key=lambda x: x["val_loss"] if math.isfinite(x["val_loss"]) else 1e9)]
-        out[cond] = {"rows": rows, "order": order}
+        for recipe, o in A.cells(s):
+            runs, ref = table.get((recipe, o, cond)), table.get((recipe, "adamw", cond))
+            if not runs:
+                continue
+            mean = statistics.fmean(runs.values())
+            row = {"cell": f"{recipe} {o}", "recipe": recipe, "optimizer": o, "n": len(runs), "val_loss": mean,
+                   "gap_vs_adamw": math.nan, "sigmas": math.nan, "paired": {}, "verdict": "reference"}
+            if o != "adamw" and ref:
+                ref_mean = statistics.fmean(ref.values())
+                row["gap_vs_adamw"] = (mean - ref_mean) / ref_mean
+                noise_ = sigma * math.sqrt(1 / len(runs) + 1 / len(ref)) if sigma else math.nan
+                row["sigmas"] = (mean - ref_mean) / noise_ if noise_ and math.isfinite(noise_) else math.nan
+                row["paired"] = {sd: (runs[sd] - ref[sd]) / ref[sd] for sd in sorted(set(runs) & set(ref))}
+                z = row["sigmas"]
+                row["verdict"] = noise.NO_BAND if math.isnan(z) else noise.INDISTINGUISHABLE if abs(z) <= k \
+                    else noise.BETTER if z < 0 else noise.WORSE
+            rows.append(row)
+        if rows:
+            order = {r: [x["optimizer"] for x in sorted((x for x in rows if x["recipe"] == r), key=lambda x: x["val_loss"])]
+                     for r in dict.fromkeys(x["recipe"] for x in rows)}
+            out[cond] = {"rows": rows, "order": order}
     return out
 
 
@@ -144,21 +155,41 @@ def markdown(s: A.Settings, an: dict, meta: dict, k: float) -> str:
     opt = an.get("optim")
     if opt:
         L += ["## 2. 4-bit optimizer stability", "", f"Paper: {PAPER['optim']}", "",
-              f"Recipe `{A.OPTIM_RECIPE}` (all block Linears, fprop/dgrad/wgrad), global-norm clipping at 1.0 as in "
-              f"every run. Spikes: from step {s.spikes.start}, every {s.spikes.every} steps, "
-              f"{100 * s.spikes.fraction:g} % of each weight gradient's entries multiplied by {s.spikes.factor:g} "
-              "(before clipping). These runs use the loop of `lowbit/report/spikes.py`, which without spikes gives "
-              "`lowbit.train.run`'s losses bit for bit (tests/report). The noise scale of a gap is the bf16 seeds' "
-              "relative std (no per-optimizer seeds).",
-              ""]
+              "Cells recipe/optimizer over seeds "
+              f"{s.seed}..{s.seed + s.optim_seeds - 1} (the recipe on every block Linear: fprop, dgrad, wgrad), "
+              "global-norm clipping at 1.0 as in every run. Spikes: from step "
+              f"{s.spikes.start}, every {s.spikes.every} steps, {100 * s.spikes.fraction:g} % of each weight "
+              f"gradient's entries multiplied by {s.spikes.factor:g} (before clipping). These runs use the loop of "
+              "`lowbit/report/spikes.py`, which without spikes gives `lowbit.train.run`'s losses bit for bit "
+              "(tests/report), so a clean AdamW cell reuses the ladder's runs. Gaps are to the same recipe's AdamW, "
+              "judged against the bf16 seeds' std as the claims below are.", ""]
         for cond, d in opt.items():
-            L += [f"**{cond}** (lowest loss first: {' < '.join(d['order'])})", "",
-                  "| run | optimizer | final val loss | gap vs AdamW | sigmas | verdict |", "|---|---|---|---|---|---|"]
+            orders = "; ".join(f"{r}: {' < '.join(o)}" for r, o in d["order"].items())
+            L += [f"**{cond}** (lowest loss first: {orders})", "",
+                  "| cell | seeds | mean final val loss | gap vs AdamW | z | paired gaps | verdict |",
+                  "|---|---|---|---|---|---|---|"]
             for r in d["rows"]:
-                L.append(f"| {r['run']} | {r['optimizer']} | {fmt(r['val_loss'])} | {pct(r['gap_vs_adamw'])} | "
-                         f"{fmt(r['sigmas'], 1)} | {r['verdict']} |")
+                paired = ", ".join(f"s{sd} {100 * g:+.2f} %" for sd, g in r["paired"].items()) or "-"
+                L.append(f"| {r['cell']} | {r['n']} | {fmt(r['val_loss'])} | {pct(r['gap_vs_adamw'])} | "
+                         f"{fmt(r['sigmas'], 1)} | {paired} | {r['verdict']} |")
             L.append("")
         L += ["![optimizer loss curves](optim.png)", "", optim_reading(opt), ""]
+    mer = an.get("merge")
+    if mer:
+        cos = mer["cosine_final"]
+        L += ["## Checkpoint merging", "", f"Paper: {PAPER['merge']}", "",
+              f"bf16 AdamW seed {s.seed} at a constant learning rate after the warm-up, checkpoints every "
+              f"{A.merge_every(s)} steps; the last {len(mer['steps'])} (steps {mer['steps']}) merged "
+              f"with WSM's cosine-emulating weights {[round(w, 3) for w in mer['weights']]} (`lowbit merge --weights "
+              "wsm`). Scored by `lowbit eval` on the report's validation batches.", "",
+              "| model | val loss |", "|---|---|",
+              f"| constant LR, final step | {fmt(mer['constant_final'])} |",
+              f"| constant LR + WSM merge | {fmt(mer['merged'])} |"]
+        L += [f"| cosine decay, {name} | {fmt(v)} |" for name, v in cos.items()]
+        L.append("")
+    L += claims.markdown(an.get("claims", []), an.get("sigma") or math.nan, k)
+    if an.get("wgrad"):
+        L += wgrad_noise.markdown(an["wgrad"])
     sft = an.get("sft")
     if sft:
         L += ["## 3. SFT objectives across the prior continuum", "", f"Paper: {PAPER['sft']}", "",
@@ -207,14 +238,18 @@ def ladder_reading(lad: dict, k: float) -> str:
 
 def optim_reading(opt: dict) -> str:
     out = []
+    paper = ["stable_spam", "spam", "adamw"]
     for cond, d in opt.items():
-        paper = ["stable_spam", "spam", "adamw"]
-        got = [o for o in d["order"] if o in paper]
-        decided = [r for r in d["rows"] if r["verdict"] in (noise.BETTER, noise.WORSE)]
-        state = "matches" if got == paper else "differs from"
-        out.append(f"{cond}: observed order {' < '.join(got)} {state} the paper's stable_spam < spam < adamw"
-                   + ("" if decided else ", but every gap to AdamW is inside the noise, so no ordering is established")
-                   + ".")
+        for recipe, order in d["order"].items():
+            got = [o for o in order if o in paper]
+            if len(got) < 2:
+                continue
+            decided = [r for r in d["rows"] if r["recipe"] == recipe and r["verdict"] in (noise.BETTER, noise.WORSE)]
+            want = [o for o in paper if o in got]
+            state = "matches" if got == want else "differs from"
+            out.append(f"{recipe} {cond}: observed order {' < '.join(got)} {state} the paper's {' < '.join(want)}"
+                       + ("" if decided else ", but every gap to AdamW is inside the noise, so no ordering is "
+                          "established") + ".")
     return "Reading: " + " ".join(out)
 
 
@@ -258,12 +293,14 @@ def figures(out: Path, res: dict[str, runner.Result], an: dict) -> list[str]:
         if b.get("std") and math.isfinite(b["std"]):
             notes.append(plots.zoom_val(out / "ladder_final.png", "Final validation loss vs the bf16 seed band",
                                         finals, b))
-    opt = [r for r in res.values() if r.spec.arm == "optim"]
-    if opt:
-        panels = {cond: {r.spec.group.split()[0]: c(r) for r in opt if r.spec.group.endswith(cond)}
-                  for cond in ("clean", "spikes")}
-        notes.append(plots.curves(out / "optim.png", f"{A.OPTIM_RECIPE}: optimizers, clean and with gradient spikes",
-                                  {k: v for k, v in panels.items() if v}))
+    if an.get("optim"):
+        panels = {}
+        for cond, d in an["optim"].items():
+            for recipe in d["order"]:
+                panels[f"{recipe} {cond}"] = {f"{r.spec.optimizer} s{r.spec.seed}": c(r) for r in res.values()
+                                              if r.spec.task == "pretrain" and r.spec.recipe == recipe
+                                              and r.spec.condition == cond and r.spec.optimizer in d["order"][recipe]}
+        notes.append(plots.curves(out / "optim.png", "optimizers by recipe, clean and with gradient spikes", panels))
     sft = [r for r in res.values() if r.spec.arm == "sft"]
     if sft:
         # training losses of different objectives are on different scales: only the held-out NLL is drawn
@@ -293,10 +330,21 @@ def report(s: A.Settings, arms: tuple[str, ...], work: str, out: str, command: s
     an = {}
     if "ladder" in arms:
         an["ladder"] = analyse_ladder(res, k)
-    rel_std = an.get("ladder", {}).get("band", {}).get("rel_std")
-    rel_std = rel_std if rel_std and math.isfinite(rel_std) else None
+    sigma = an.get("ladder", {}).get("band", {}).get("std")
+    sigma = sigma if sigma and math.isfinite(sigma) else None
     if "optim" in arms:
-        an["optim"] = analyse_optim(res, rel_std, k)
+        an["optim"] = analyse_optim(res, s, sigma, k)
+    table = claims.cells(res.values())
+    if "merge" in arms:
+        mspec = next(sp for sp in specs if sp.arm == "merge")
+        cosine = [os.path.join(work, sp.name) for sp in specs if sp.arm == "ladder" and sp.recipe == A.BASELINE]
+        an["merge"] = merging.evaluate(os.path.join(work, mspec.name), cosine, s, say)
+        table[claims.MERGED] = {mspec.seed: an["merge"]["merged"]}
+    an["sigma"] = sigma
+    an["claims"] = claims.judge(table, sigma or math.nan, k)
+    if "ladder" in arms and s.wgrad_draws and any(r.startswith("nvfp4") for r in s.recipes):
+        say("wgrad estimator: bias and noise of one Linear's dW per recipe")
+        an["wgrad"] = wgrad_noise.report(draws=s.wgrad_draws)
     if "sft" in arms:
         an["sft"] = analyse_sft(res, priors, s.sft_val_examples, k)
     outp = Path(out)

@@ -82,16 +82,24 @@ def task_files(s: Settings, work: str) -> dict[str, tuple[str, str]]:
     return files
 
 
+# Settings that are carried by a spec's own overrides, only choose which specs exist, or act after the runs
+NOT_OUTCOME = ("steps", "sft_steps", "baseline_seeds", "evals", "recipes", "recipe_seeds", "optimizers", "cells",
+               "optim_seeds", "conditions", "merge_checkpoints", "merge_last", "wgrad_draws", "objectives")
+
+
 def _spec_record(spec: RunSpec, s: Settings) -> dict:
     """What decides a run's outcome: its spec and the shared settings that reach it."""
     d = asdict(s)
-    for key in ("steps", "sft_steps", "baseline_seeds", "evals", "recipes", "optimizers", "objectives"):
-        d.pop(key)  # carried by the spec's own overrides, or only choose which specs exist
     if not spec.inject:
         d.pop("spikes")
     if spec.task != "sft":
         d.pop("sft_examples"), d.pop("sft_val_examples"), d.pop("sft_lr")
-    return {"spec": asdict(spec), "settings": d}
+    return _outcome({"spec": asdict(spec), "settings": d})
+
+
+def _outcome(record: dict) -> dict:
+    """`record` without the keys that cannot change a run (also applied to records saved by older versions)."""
+    return {**record, "settings": {k: v for k, v in record["settings"].items() if k not in NOT_OUTCOME}}
 
 
 def execute(spec: RunSpec, s: Settings, work: str, say=print) -> Result:
@@ -101,7 +109,7 @@ def execute(spec: RunSpec, s: Settings, work: str, say=print) -> Result:
     spec_path, summary_path = os.path.join(run_dir, "report_spec.json"), os.path.join(run_dir, "summary.json")
     if os.path.exists(spec_path) and os.path.exists(summary_path):
         with open(spec_path) as f:
-            same = json.load(f) == json.loads(json.dumps(record))
+            same = _outcome(json.load(f)) == json.loads(json.dumps(record))
         if same:
             with open(summary_path) as f:
                 summary = json.load(f)

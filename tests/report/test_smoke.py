@@ -44,8 +44,24 @@ def test_optim_arm(work):
     assert clean["status"] == spiked["status"] == "completed"
     assert spiked["val_loss"] != clean["val_loss"]  # the spikes reach the weights
     opt = res["analysis"]["optim"]
-    assert set(opt) == {"clean", "spikes"} and sorted(opt["spikes"]["order"]) == ["adamw", "stable_spam"]
+    assert set(opt) == {"clean", "spikes"} and sorted(opt["spikes"]["order"]["mxfp4"]) == ["adamw", "stable_spam"]
     assert "## 2. 4-bit optimizer stability" in (out / "README.md").read_text() and (out / "optim.png").exists()
+
+
+@pytest.mark.slow
+def test_merge_arm_and_claims(work):
+    """The merge arm merges the constant-LR run's checkpoints and scores them as the cosine runs are scored."""
+    out, res = run_arm(work, "--arms", "ladder", "merge", "--recipes", "bf16", "fp8-tensorwise")
+    mer = res["analysis"]["merge"]
+    assert mer["steps"] == [1, 2, 3, 4, 5] and sum(mer["weights"]) == pytest.approx(1.0)
+    # lowbit eval's score of a cosine run is its training summary's final validation loss
+    for name, v in mer["cosine_final"].items():
+        assert v == pytest.approx(res["runs"][name]["val_loss"], rel=1e-6)
+    assert mer["merged"] != mer["constant_final"] and math.isfinite(mer["merged"])
+    claims = {c["claim"]: c for c in res["analysis"]["claims"]}
+    assert set(claims) == {"FP8 (tensor-wise) tracks BF16", next(c for c in claims if c.startswith("a constant-LR"))}
+    text = (out / "README.md").read_text()
+    assert "## Checkpoint merging" in text and "## Claims" in text
 
 
 @pytest.mark.slow

@@ -66,11 +66,13 @@ def test_arm_plans():
     s = A.Settings(baseline_seeds=3)
     specs = A.plan(s)
     names = [x.name for x in specs]
-    assert len(names) == len(set(names)) == (3 + 6) + 6 + 6
+    # the clean AdamW mxfp4 cell is the ladder's mxfp4 run, planned once
+    assert len(names) == len(set(names)) == (3 + 7) + 5 + 6
     assert [x.group for x in specs if x.arm == "ladder"][:3] == ["bf16"] * 3
     assert {x.group for x in specs if x.arm == "ladder"} == set(A.LADDER)
     opt = [x for x in specs if x.arm == "optim"]
     assert all(x.spikes for x in opt) and sum(x.inject for x in opt) == 3
+    assert "optim-mxfp4-adamw-clean-s0" not in names and "optim-mxfp4-adamw-spikes-s0" in names
     assert all("quant.recipe=mxfp4" in x.overrides for x in opt)
     sft = [x for x in specs if x.arm == "sft"]
     assert all(x.needs == "ladder-bf16-s0" for x in sft) and {x.sft_task for x in sft} == {"strong", "weak"}
@@ -78,6 +80,68 @@ def test_arm_plans():
     assert [x.name for x in only_sft if x.arm == "ladder"] == ["ladder-bf16-s0"]  # its base is pretrained first
     with pytest.raises(ValueError, match="baseline"):
         A.plan(dataclasses.replace(s, recipes=("mxfp4",)))
+
+
+def test_cells_and_seeds():
+    s = A.Settings(recipes=("bf16", "int4"), recipe_seeds=2, cells=("int4:adamw", "int4:spam", "bf16:stable_spam"),
+                   optim_seeds=2, conditions=("clean",))
+    specs = A.plan(s, ("ladder", "optim"))
+    assert [x.name for x in specs] == ["ladder-bf16-s0", "ladder-bf16-s1", "ladder-bf16-s2", "ladder-int4-s0",
+                                       "ladder-int4-s1", "optim-int4-spam-clean-s0", "optim-int4-spam-clean-s1",
+                                       "optim-bf16-stable_spam-clean-s0", "optim-bf16-stable_spam-clean-s1"]
+    assert all((x.recipe, x.optimizer) == ("int4", "spam") for x in specs[5:7])
+    for bad in (("int4",), ("int4:sgd",), (":adamw",)):
+        with pytest.raises(ValueError, match="cells"):
+            A.plan(dataclasses.replace(s, cells=bad), ("optim",))
+    with pytest.raises(ValueError, match="conditions"):
+        A.plan(dataclasses.replace(s, conditions=("noisy",)), ("optim",))
+
+
+def test_merge_spec():
+    s = A.Settings(steps=300, merge_checkpoints=10, merge_last=5)
+    (m,) = A.plan(s, ("merge",))
+    assert m.condition == "constant-lr" and m.recipe == "bf16"
+    assert {"optim.schedule=constant", "train.checkpoint_every=30", "train.keep_checkpoints=5"} <= set(m.overrides)
+
+
+@pytest.mark.parametrize("preset, n_runs", [("resolve", 20), ("fourbit", 29)])
+def test_presets(preset, n_runs):
+    from lowbit.report import cli
+
+    p = cli.parser()
+    p.set_defaults(**cli.PRESETS[preset])
+    args = p.parse_intermixed_args(["convergence"])
+    s = cli.settings_of(args)
+    specs = A.plan(s, tuple(args.arms))
+    assert len(specs) == len({x.name for x in specs}) == n_runs
+    # INT4 quantizes groups of 256 along every reduction: the widths must be multiples of 256, or the
+    # model's Linears would silently stay in high precision
+    assert s.hidden % 256 == 0 and s.intermediate % 256 == 0 and (s.batch * s.seq_len) % 256 == 0
+    table = {(x.recipe, x.optimizer, x.condition) for x in specs}
+    if preset == "resolve":
+        assert {("bf16", "stable_spam", "clean"), ("int4", "stable_spam", "clean"), ("nvfp4", "adamw", "clean")} <= table
+        assert sum(x.recipe == "bf16" and x.optimizer == "adamw" and x.arm == "ladder" for x in specs) == 3
+    else:
+        assert len(table) == (1 + 2 * 3) * 2  # (bf16 adamw + (int4, mxfp4) x 3 optimizers) x 2 conditions
+    override = cli.parser()
+    override.set_defaults(**cli.PRESETS[preset])
+    assert override.parse_intermixed_args(["convergence", "--steps", "7"]).steps == 7  # flags beat the preset
+
+
+def test_claim_verdicts():
+    from lowbit.report import claims as C
+
+    assert C.verdict(2.5, "worse", 2) == C.REPRODUCED and C.verdict(1.9, "worse", 2) == C.NOISE
+    assert C.verdict(-2.5, "worse", 2) == C.CONTRADICTED and C.verdict(-2.5, "better", 2) == C.REPRODUCED
+    assert C.verdict(1.0, "tracks", 2) == C.REPRODUCED and C.verdict(-3.0, "tracks", 2) == C.CONTRADICTED
+    assert C.verdict(-5.0, "not worse", 2) == C.REPRODUCED and C.verdict(2.1, "not worse", 2) == C.CONTRADICTED
+    assert C.verdict(float("nan"), "worse", 2) == C.MISSING
+    table = {("bf16", "adamw", "clean"): {0: 4.00, 1: 4.02, 2: 3.98}, ("mxfp4", "adamw", "clean"): {0: 4.10, 1: 4.08}}
+    rows = C.judge(table, sigma=0.02, k=2)
+    (r,) = [x for x in rows if x["claim"] == "MXFP4 is worse than BF16"]
+    assert r["sigmas"] == pytest.approx((4.09 - 4.0) / (0.02 * math.sqrt(1 / 2 + 1 / 3)))
+    assert r["verdict"] == C.REPRODUCED and r["paired_rel_gaps"] == pytest.approx({0: 0.025, 1: 0.06 / 4.02})
+    assert len(rows) == 1  # claims whose cells did not run are left out
 
 
 def test_corpus_pieces():
