@@ -7,6 +7,7 @@ A checkpoint ``<run>/checkpoints/step_00000100/`` holds
 - ``deepspeed/``    the DeepSpeed engine's own checkpoint (model/optimizer partitions of every rank)
 - ``trainer.pt``    step, data position, scheduler, bad-step count, loss average, task state
 - ``rng/rank<r>.pt`` the RNG states (torch, CUDA, Python, NumPy) of every rank
+- ``ema/rank<r>.pt`` with ``train.ema``: the weight average, each rank's shard (`lowbit.train.ema`)
 - ``config.yaml``, ``tokenizer/``
 - ``MANIFEST.json`` every other file with its size and SHA-256, written last
 
@@ -207,8 +208,9 @@ def _replace_dir(src: str, dst: str) -> None:
 
 
 def save(run_dir: str, step: int, *, env: D.Env, engine, trainer_state: dict, tokenizer, config_yaml: str,
-         keep: int) -> str:
-    """Write checkpoint `step` of the `dist` step adapter `engine` (collective); returns its folder."""
+         keep: int, ema=None) -> str:
+    """Write checkpoint `step` of the `dist` step adapter `engine` (collective); returns its folder. `ema`
+    (a `lowbit.train.ema.EMA`, or None) writes its shard of every rank into the same folder."""
     root = ckpt_root(run_dir)
     name = f"step_{step:08d}"
     final = os.path.join(root, name)
@@ -220,6 +222,8 @@ def save(run_dir: str, step: int, *, env: D.Env, engine, trainer_state: dict, to
     D.barrier(env)
     sd = engine.model_state()
     engine.save(tmp)
+    if ema is not None:
+        ema.save(tmp)
     torch.save(rng_state(), os.path.join(tmp, "rng", f"rank{env.rank}.pt"))
     if env.main:
         torch.save(sd, os.path.join(tmp, "model.pt"))

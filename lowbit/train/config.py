@@ -48,6 +48,8 @@ class ModelConfig:
     tie_embeddings: bool = _f(True, "share the input embedding and the LM head")
     rope_theta: float = _f(10000.0, "RoPE base")
     init_from: Optional[str] = _f(None, "start from this lowbit checkpoint / run dir / HF export (sft, align)")
+    init_from_ema: bool = _f(False, "with a lowbit checkpoint / run dir as model.init_from: start from its EMA weights "
+                             "(train.ema) instead of the raw ones; an hf-ema/ export needs no flag")
     dtype: str = _f("float32", "parameter dtype: float32 or bfloat16")
 
 
@@ -134,6 +136,10 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "complete checkpoints kept on disk")
     max_bad_steps: int = _f(5, "stop after this many consecutive non-finite steps")
     spike_factor: float = _f(3.0, "log a loss spike when the loss exceeds this multiple of its running mean")
+    ema: Optional[float] = _f(0.0, "decay of an exponential moving average of the (fp32 master) weights, in [0, 1); "
+                              "0 or null = off. Saved in checkpoints (sharded like the weights under ZeRO), exported "
+                              "to <run.dir>/hf-ema")
+    ema_every: int = _f(1, "update the EMA every N optimizer steps")
 
 
 @dataclass
@@ -284,6 +290,8 @@ def validate(c: Config) -> None:
     _need(m.dtype in DTYPES, "model.dtype", f"one of {list(DTYPES)}", m.dtype, e)
     if m.init_from is not None and not os.path.exists(m.init_from):
         e.append(f"model.init_from: no such checkpoint / directory {m.init_from!r}")
+    if m.init_from_ema and m.init_from is None:
+        e.append("model.init_from_ema: loads the EMA weights of model.init_from, which is null")
 
     d = c.data
     _need(d.seq_len >= 2, "data.seq_len", "an int >= 2", d.seq_len, e)
@@ -347,6 +355,8 @@ def validate(c: Config) -> None:
         e.append(f"train.global_batch_size: expected a multiple of train.micro_batch_size ({t.micro_batch_size}), "
                  f"got {t.global_batch_size}")
     _need(t.spike_factor > 1, "train.spike_factor", "a number > 1", t.spike_factor, e)
+    _need(t.ema is None or 0 <= t.ema < 1, "train.ema", "a decay in [0, 1) (0 or null = off)", t.ema, e)
+    _need(t.ema_every >= 1, "train.ema_every", "an int >= 1", t.ema_every, e)
 
     ds = c.dist
     _need(ds.engine in ENGINES, "dist.engine", f"one of {list(ENGINES)}", ds.engine, e)

@@ -22,6 +22,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowbit eval", description="held-out perplexity and exact-match accuracy on "
                                 "the built-in SFT task, for a run dir, a lowbit checkpoint or an HF export")
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints/step_* dir or HF export dir")
+    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a lowbit checkpoint / run dir "
+                   "(trained with train.ema); the run's hf-ema/ export needs no flag")
     p.add_argument("--batches", type=int, default=16, help="validation batches (default 16)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--attention", choices=["dense", "seer"], default="dense",
@@ -57,7 +59,7 @@ def main(argv: list[str]) -> int:
 def separation_of_checkpoint(args) -> dict:
     """`safety.measure` of the checkpoint's model (with its recipe, as it was trained) on args.separation."""
     kind, where = pretrained.resolve(args.checkpoint)
-    model, tok = pretrained.load(where)
+    model, tok = pretrained.load(where, ema=args.ema)
     if kind == "lowbit":
         model_mod.apply_recipe(model, pretrained.checkpoint_config(where))
     model.to(D.local_device())
@@ -67,7 +69,7 @@ def separation_of_checkpoint(args) -> dict:
 
 def evaluate_checkpoint(args) -> dict:
     kind, where = pretrained.resolve(args.checkpoint)
-    model, tok = pretrained.load(where)
+    model, tok = pretrained.load(where, ema=args.ema)
     if kind == "lowbit":
         cfg = pretrained.checkpoint_config(where)
         model_mod.apply_recipe(model, cfg)
@@ -101,7 +103,8 @@ def evaluate_checkpoint(args) -> dict:
     task = sft_data.Examples([sft_data.encode_chat(tok, [("user", p), ("assistant", r)], cfg.data.seq_len, chat)
                               for p, r in held_out])
     sft = evaluate.language_model(model, task, batches=len(task), batch_size=args.batch_size, env=env)
-    res = {"checkpoint": where, "recipe": cfg.quant.recipe if kind == "lowbit" else "none (HF export)",
+    res = {"checkpoint": where, "weights": "ema" if args.ema else "raw",
+           "recipe": cfg.quant.recipe if kind == "lowbit" else "none (HF export)",
            "data": source, "val_loss": lm["val_loss"], "val_ppl": lm["val_ppl"], "val_tokens": lm["val_tokens"],
            "sft_task_exact_match": sft["val_exact_match"], "sft_task_loss": sft["val_loss"],
            "sft_task_examples": len(task), "attention": args.attention}

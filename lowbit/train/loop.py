@@ -2,9 +2,9 @@
 
     setup ranks -> data + tokenizer -> model (+ recipe) -> optimizer, schedule -> engine -> resume?
     for step: for each micro-batch: forward, loss, backward
-              non-finite? skip (stop after K in a row) : clip, optimizer step, schedule step
+              non-finite? skip (stop after K in a row) : clip, optimizer step, schedule step, EMA update
               log; evaluate / checkpoint every N
-    final evaluation, checkpoint, HF export, summary.json
+    final evaluation, checkpoint, HF export (and hf-ema/ with train.ema), summary.json
 
 What differs between the engines (gradient sync, clipping, how a step is skipped, checkpoint
 state) is behind the step adapters of `dist`.
@@ -24,6 +24,7 @@ from . import checkpoint as C
 from . import config as cfgmod
 from . import data as data_mod
 from . import dist as D
+from . import ema as ema_mod
 from . import evaluate, losses, model as model_mod, optim as optim_mod, pretrained, rundir, safety, sft_data
 from .metrics import Logger
 
@@ -41,7 +42,8 @@ def prepare(cfg):
         tok, train_set, val_set, source = data_mod.pretrain_data(cfg)
         model = model_mod.build(cfg, len(tok), pretrained.special_ids(tok))
         return model, tok, train_set, val_set, source
-    model, tok = pretrained.load(init) if init else (None, pretrained.default_tokenizer(cfg))
+    model, tok = pretrained.load(init, ema=cfg.model.init_from_ema) if init else \
+        (None, pretrained.default_tokenizer(cfg))
     if cfg.task == "pretrain":
         _, train_set, val_set, source = data_mod.pretrain_data(cfg, tok)
     elif cfg.task == "sft":
@@ -178,6 +180,11 @@ def _train(cfg, env: D.Env, run_dir: str, ckpt: str | None, batches: tuple[int, 
         if pref is not None:
             pref.load(state.get("task", {}))
         say(f"resumed from {ckpt} at step {start}")
+    # the EMA starts as a copy of the weights the run starts from (the initial or the resumed ones)
+    ema = ema_mod.EMA(engine.module, engine.optimizer, cfg.train.ema, cfg.train.ema_every, env.rank, env.world) \
+        if cfg.train.ema else None
+    if ema is not None and ckpt is not None and not ema.load(ckpt):
+        say(f"{ckpt} holds no EMA (trained without train.ema): the EMA starts from its weights")
     if env.main:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
@@ -204,7 +211,7 @@ def _train(cfg, env: D.Env, run_dir: str, ckpt: str | None, batches: tuple[int, 
         tstate = {"step": step, "data_position": step * gbs, **asdict(tally), "scheduler": engine.scheduler.state_dict(),
                   "task": pref.state() if pref is not None else {}, "world_size": env.world}
         return C.save(run_dir, step, env=env, engine=engine, trainer_state=tstate, tokenizer=tok,
-                      config_yaml=config_yaml, keep=cfg.train.keep_checkpoints)
+                      config_yaml=config_yaml, keep=cfg.train.keep_checkpoints, ema=ema)
 
     # ---- train ------------------------------------------------------------------------------
     engine.model.train()
@@ -230,6 +237,8 @@ def _train(cfg, env: D.Env, run_dir: str, ckpt: str | None, batches: tuple[int, 
         n_tok = int(D.all_sum(env, n_tok)[0])
         lr = engine.lr
         gnorm, skipped = engine.step(nonfinite)
+        if ema is not None and not skipped:
+            ema.update(step + 1)
         dt = time.perf_counter() - t0
 
         stopped = tally.count(step + 1, loss_val, gnorm, skipped, n_tok, cfg, log)
@@ -252,11 +261,15 @@ def _train(cfg, env: D.Env, run_dir: str, ckpt: str | None, batches: tuple[int, 
     last_eval = do_eval(final_step)
     final_ckpt = do_checkpoint(final_step)
     separation["final"] = safety.for_run(engine.model, tok, cfg, "final", say)
-    hf_dir = None
+    hf_dir = ema_dir = None
     if cfg.run.export_hf:
         sd = engine.model_state()
+        averaged = ema.full_state(env.device) if ema is not None else None  # collective under ZeRO
         if env.main:
             hf_dir = C.export_hf(os.path.join(run_dir, "hf"), engine.module, sd, tok)
+            if averaged is not None:
+                ema_dir = C.export_hf(os.path.join(run_dir, "hf-ema"), engine.module,
+                                      ema_mod.overlay(engine.module, sd, averaged), tok)
     log.close()
 
     trained = final_step > start
@@ -273,6 +286,7 @@ def _train(cfg, env: D.Env, run_dir: str, ckpt: str | None, batches: tuple[int, 
         "run_dir": os.path.abspath(run_dir), "metrics": os.path.abspath(log.path),
         "tensorboard": os.path.abspath(os.path.join(run_dir, "tb")) if cfg.run.tensorboard else None,
         "checkpoint": os.path.abspath(final_ckpt), "hf_export": os.path.abspath(hf_dir) if hf_dir else None,
+        "ema": cfg.train.ema or None, "hf_ema_export": os.path.abspath(ema_dir) if ema_dir else None,
         **{f"separation_{k}": v for k, v in separation.items() if v is not None},
     }
     if env.main:

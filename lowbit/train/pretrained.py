@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 
+from ..errors import CheckpointError
 from . import checkpoint as C
-from . import config as cfgmod, corpus, tokenizer as tk
+from . import config as cfgmod, corpus, ema as E, tokenizer as tk
 from .model import build
 
 
@@ -32,13 +33,18 @@ def checkpoint_config(ckpt: str) -> cfgmod.Config:
     return cfgmod.load([os.path.join(ckpt, "config.yaml")])
 
 
-def load(path: str, *, need_tokenizer: bool = True):
+def load(path: str, *, need_tokenizer: bool = True, ema: bool = False):
     """(unconverted HF model with the trained weights, tokenizer). The caller applies its own recipe.
 
-    With ``need_tokenizer=False`` an HF export without a tokenizer loads with tokenizer None."""
+    With ``need_tokenizer=False`` an HF export without a tokenizer loads with tokenizer None. With
+    ``ema=True`` a lowbit checkpoint (or run dir) gives its EMA weights (``train.ema``) instead of the
+    raw ones; an HF export holds one set of weights (the run's ``hf-ema/`` is the EMA one)."""
     from transformers import AutoTokenizer  # optional and slow to import: only when loading
 
     kind, where = resolve(path)
+    if kind == "hf" and ema:
+        raise CheckpointError(f"{where}: an HF export holds one set of weights; for the EMA weights load the "
+                              "run's hf-ema/ export, or a lowbit checkpoint / run dir trained with train.ema")
     if kind == "hf":
         model, tok = C.load_hf(where, need_tokenizer)
         if tok is not None and tok.pad_token is None and tok.eos_token is not None:
@@ -49,6 +55,8 @@ def load(path: str, *, need_tokenizer: bool = True):
     tok = AutoTokenizer.from_pretrained(os.path.join(where, "tokenizer"), local_files_only=True)
     model = _skeleton(where, saved, tok)
     model.load_state_dict(C.load_file(os.path.join(where, "model.pt")))
+    if ema:
+        model.load_state_dict(E.overlay(model, model.state_dict(), E.assemble(where)[0]))
     return model, tok
 
 

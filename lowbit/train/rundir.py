@@ -34,7 +34,8 @@ from . import checkpoint as C
 from . import config as cfgmod, dist as D, pretrained
 
 LOCK = ".lowbit.lock"
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "hf")  # besides checkpoints/: what a run leaves
+# besides checkpoints/: what a run leaves
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "hf", "hf-ema")
 # keys a checkpoint must share with the run that resumes it: the tensors' shapes and the optimizer state
 SAME_ON_RESUME = ("task", "model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
                   "model.intermediate_size", "model.tie_embeddings", "model.dtype", "model.init_from",
@@ -246,6 +247,12 @@ def check_sources(cfg) -> None:
     for key, path in (("model.init_from", cfg.model.init_from), ("align.reference", cfg.align.reference)):
         if path is not None and (key == "model.init_from" or cfg.task == "align"):
             check_source(key, path)
+    if cfg.model.init_from_ema and cfg.model.init_from is not None:
+        kind, where = pretrained.resolve(cfg.model.init_from)
+        if kind == "hf" or not os.path.isdir(os.path.join(where, "ema")):
+            raise CheckpointError(f"model.init_from_ema: {where!r} holds no EMA weights (ema/rank*.pt of a run "
+                                  "trained with train.ema); an hf-ema/ export is loaded as model.init_from without "
+                                  "the flag")
     tok = cfg.data.tokenizer
     if tok is not None and os.path.isdir(tok) and not any(os.path.isfile(os.path.join(tok, f))
                                                           for f in TOKENIZER_FILES):
