@@ -23,11 +23,19 @@ Metrics (Chaudhry et al., 2018, "Riemannian Walk for Incremental Learning"): R[i
 after stage i. Plasticity: R[j][j], the score on a task right after learning it; forgetting of task j
 (not the last): the best of R[i][j] over stages i >= j, before the end, minus its final R[T-1][j] (for
 the loss: the final minus the best, so positive is worse in both).
+
+Seeds: every method runs on seeds ``seed .. seed + seeds - 1``; a seed fixes the initial weights, the
+training streams and the held-out sets, the same for every method, so two methods' scores pair by
+seed. A claim compares two methods on one metric through the per-seed differences d_k = A_k - B_k:
+mean d, standard error se = std(d) / sqrt(N) and z = mean / se, judged with k = 2 (`judge`).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 import random
+import statistics
 from dataclasses import asdict, dataclass
 
 import torch
@@ -46,7 +54,7 @@ IGNORE = -100
 
 @dataclass
 class Settings:
-    """The default size runs the 3 methods x 3 tasks in 2 to 4 minutes on 2 shared CPU cores. The EWC
+    """The default size runs the 3 methods x 3 tasks in 2 to 4 minutes per seed on 2 shared CPU cores. The EWC
     strength trades forgetting for plasticity: at this size lambda 100 barely slows forgetting, 3000
     keeps the earlier tasks' losses several times lower than AdamW's while still learning each task."""
     tasks: tuple[str, ...] = TASKS
@@ -65,7 +73,8 @@ class Settings:
     min_letters: int = 3
     max_letters: int = 4
     max_number: int = 19  # add: both terms in 0 .. max_number
-    seed: int = 0
+    seed: int = 0  # the first seed
+    seeds: int = 3  # seeds seed .. seed + seeds - 1, every method on each
 
 
 QUICK = dict(steps=25, batch=16, hidden=32, layers=1, heads=2, intermediate=64, fisher_examples=8, val_examples=32)
@@ -233,12 +242,144 @@ def summarize(scores: list[dict], tasks: tuple[str, ...]) -> dict:
     return out
 
 
-def run(s: Settings, say=print) -> dict:
-    """Every method through the task sequence: {"settings", "methods": {method: run + summary}}."""
+def run_seed(s: Settings, say=print) -> dict:
+    """Every method through the task sequence on the one seed `s.seed`: {method: run + "summary"}."""
     if len(s.tasks) < 2:
         raise ValueError("tasks: a sequence needs at least two tasks")
     res = {}
     for m in s.methods:
         r = run_method(m, copy.deepcopy(s), say)
         res[m] = r | {"summary": summarize(r["scores"], s.tasks)}
-    return {"settings": asdict(s), "methods": res}
+    return res
+
+
+def seed_list(s: Settings) -> list[int]:
+    if s.seeds < 1:
+        raise ValueError(f"seeds: expected at least 1, got {s.seeds}")
+    return list(range(s.seed, s.seed + s.seeds))
+
+
+def run(s: Settings, say=print) -> dict:
+    """Every method on every seed: {"settings", "seeds", "runs": [{"seed", "methods": {method: run +
+    summary}}], "stats": {method: {metric: mean / std / values}}, "claims": [`claims` rows]}."""
+    if len(s.tasks) < 2:
+        raise ValueError("tasks: a sequence needs at least two tasks")
+    runs = []
+    for seed in seed_list(s):
+        say(f"seed {seed}")
+        runs.append({"seed": seed, "methods": run_seed(dataclasses.replace(s, seed=seed), say)})
+    res = {"settings": dataclasses.asdict(s), "seeds": seed_list(s), "runs": runs}
+    return res | {"stats": stats(res), "claims": claims(res)}
+
+
+# ---- over seeds: per-method statistics and the paired claims ---------------------------------------------
+METRICS = ("final_acc", "plasticity_acc", "forgetting_acc", "final_loss", "plasticity_loss", "forgetting_loss")
+
+
+def metric(summary: dict, name: str) -> float:
+    """'forgetting_acc' -> summary["acc"]["mean_forgetting"] (the mean over tasks of one run)."""
+    kind, key = name.rsplit("_", 1)
+    return summary[key][f"mean_{kind}"]
+
+
+def values(res: dict, method: str, name: str) -> list[float]:
+    """The metric of `method` on every seed, in seed order."""
+    return [metric(r["methods"][method]["summary"], name) for r in res["runs"]]
+
+
+def mean_std(xs: list[float]) -> dict:
+    """{"mean", "std" (sample std, nan for one value), "n", "values"}."""
+    return {"mean": sum(xs) / len(xs), "std": statistics.stdev(xs) if len(xs) > 1 else math.nan,
+            "n": len(xs), "values": list(xs)}
+
+
+def stats(res: dict) -> dict:
+    methods = res["runs"][0]["methods"]
+    return {m: {k: mean_std(values(res, m, k)) for k in METRICS} for m in methods}
+
+
+REPRODUCED, NOISE, CONTRADICTED, NO_NOISE, NOT_RUN = (
+    "reproduced", "inside the noise", "contradicted", "no noise estimate", "not run")
+K = 2.0
+
+
+def paired(a: list[float], b: list[float]) -> dict:
+    """Per-seed differences d = a - b, their mean, se = std(d) / sqrt(N) and z = mean / se. N = 1: se and
+    z are nan. se = 0 (every difference equal, up to float rounding of the values): z is nan, or 0 when
+    the differences are all 0."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired: expected two equally long non-empty lists, got {len(a)} and {len(b)}")
+    d = [x - y for x, y in zip(a, b)]
+    n, mean = len(d), sum(d) / len(d)
+    se = statistics.stdev(d) / math.sqrt(n) if n > 1 else math.nan
+    if se <= 1e-12 * max(abs(x) for x in list(a) + list(b)):  # 0.7 - 0.45 and 0.5 - 0.25 differ by rounding
+        se = 0.0
+    if n > 1 and se == 0:
+        z = 0.0 if mean == 0 else math.nan
+    else:
+        z = mean / se
+    return {"diffs": d, "n": n, "mean": mean, "se": se, "z": z}
+
+
+def judge(z: float, expect: str, k: float = K) -> str:
+    """The verdict on a claim about A - B from its z. expect "lower" / "higher": |z| > k in that direction
+    is reproduced, |z| <= k inside the noise, |z| > k the other way contradicted. expect "tracks": |z| <= k
+    is reproduced, else contradicted. z nan (one seed, or se 0 with a nonzero mean): no noise estimate."""
+    if expect not in ("lower", "higher", "tracks"):
+        raise ValueError(f"expect: 'lower', 'higher' or 'tracks', got {expect!r}")
+    if math.isnan(z):
+        return NO_NOISE
+    if abs(z) <= k:
+        return REPRODUCED if expect == "tracks" else NOISE
+    if expect == "tracks":
+        return CONTRADICTED
+    return REPRODUCED if (z < 0) == (expect == "lower") else CONTRADICTED
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    label: str
+    text: str
+    a: str  # method
+    b: str
+    metric: str  # one of METRICS
+    expect: str  # of a - b: "lower" | "higher" | "tracks"
+
+
+CLAIMS = (
+    Claim("a", "CLASSP forgets less than AdamW", "classp", "adamw", "forgetting_acc", "lower"),
+    Claim("a", "CLASSP forgets less than AdamW", "classp", "adamw", "forgetting_loss", "lower"),
+    Claim("b", "CLASSP is competitive with EWC on forgetting", "classp", "ewc", "forgetting_acc", "tracks"),
+    Claim("b", "CLASSP is competitive with EWC on forgetting", "classp", "ewc", "forgetting_loss", "tracks"),
+    Claim("c", "CLASSP keeps plasticity: it learns each new task as well as AdamW", "classp", "adamw",
+          "plasticity_acc", "tracks"),
+    Claim("c", "CLASSP keeps plasticity: it learns each new task as well as AdamW", "classp", "adamw",
+          "plasticity_loss", "tracks"),
+    Claim("d", "sanity (EWC's own claim): EWC forgets less than AdamW", "ewc", "adamw", "forgetting_acc", "lower"),
+    Claim("d", "sanity (EWC's own claim): EWC forgets less than AdamW", "ewc", "adamw", "forgetting_loss", "lower"),
+)
+
+
+def meaning(metric_name: str, side: str) -> str:
+    """What A - B "lower" / "higher" on a metric means in words ("forgets less", "learns less", ...)."""
+    kind, key = metric_name.rsplit("_", 1)
+    better = (side == "lower") == (kind == "forgetting" or key == "loss")  # lower forgetting / loss is better
+    if kind == "forgetting":
+        return "forgets less" if better else "forgets more"
+    if kind == "plasticity":
+        return "learns each task better" if better else "learns each task worse"
+    return "ends better" if better else "ends worse"
+
+
+def claims(res: dict, k: float = K) -> list[dict]:
+    """One row per claim: the claim, the paired statistics of its methods' metric and the verdict."""
+    methods = res["runs"][0]["methods"]
+    out = []
+    for c in CLAIMS:
+        row = dataclasses.asdict(c) | {"k": k}
+        if c.a not in methods or c.b not in methods:
+            out.append(row | {"verdict": NOT_RUN})
+            continue
+        p = paired(values(res, c.a, c.metric), values(res, c.b, c.metric))
+        out.append(row | p | {"verdict": judge(p["z"], c.expect, k)})
+    return out
