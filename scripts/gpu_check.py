@@ -11,13 +11,19 @@ Stages, in order; each has its own time limit, and a failed stage does not stop 
   tests-cuda    every test marked `cuda`; on a GPU a skipped one fails the stage (the backend did
                 not load)
   tests-triton  the Triton tests (marked `triton`, or in a test_*triton*.py file), bit-exact with ref
+                (both test stages include tests/ops/test_gpu_edge_cases.py: an input past one grid axis,
+                a misaligned view, a non-default stream, NaN / Inf blocks)
+  sync          scripts/gpu_sync_check.py: per recipe and optimizer (adamw, stable_spam), a tiny Llama's
+                third training step under torch.cuda.set_sync_debug_mode("error"); PASS, or the first
+                sync's message and lowbit frame; any sync fails the stage
   train         configs/pretrain/tiny.yaml for N steps per recipe on the GPU and on the CPU; each
                 recipe's final-loss gap must lie inside the bf16 seed band measured on the GPU here
   bench         lowbit bench quantize qmatmul linear attention: CSVs plus a one-page summary
 
 --dry runs the same stages on CPU at tiny sizes: the wheels are only listed, the build is the
 existing one, the cuda tests must skip cleanly, a few Triton tests run in Triton's interpreter, the
-"device" runs are CPU runs too (the degenerate comparison), and the bench uses the smallest shapes.
+"device" runs are CPU runs too (the degenerate comparison), the sync stage runs its steps on the
+CPU without the debug mode (the code path only), and the bench uses the smallest shapes.
 
 Everything is written under --out: summary.md (also printed), logs/<stage>.log, train/<run>/ (the
 run's metrics.jsonl, summary.json, stdout.log) and bench/<machine>/ (the repo's
@@ -61,6 +67,7 @@ LIMITS = {
     "env": (60, 60),
     "tests-cuda": (120, 120),
     "tests-triton": (180, 180),
+    "sync": (120, 240),
     "train": (300, 420),
     "bench": (150, 240),
 }
@@ -82,7 +89,7 @@ FINAL_STEPS = 5  # the final loss is the mean train loss over the last FINAL_STE
 
 # --dry runs a few Triton tests in the interpreter (all of them take minutes there); on a GPU, all.
 DRY_TRITON_K = ("philox_known_answer or rounding_bits_match_ref or registry or triton_corners or block_pool "
-                "or unsupported_combinations or fused_triton")
+                "or unsupported_combinations or fused_triton or (test_edge and mxfp8)")
 
 BENCH_SUITES = ["quantize", "qmatmul", "linear", "attention"]
 BENCH_ROWS = 10  # rows per suite in the one-page summary; the CSVs hold them all
@@ -259,6 +266,14 @@ class Check:
             return Result(name, "FAIL", note="no Triton tests found")
         return Result(name, "FAIL" if failed else "PASS", note="; ".join(notes))
 
+    def do_sync(self, name: str, until: float) -> Result:
+        out = os.path.join(self.logs, "sync.jsonl")
+        # The child stops starting runs a little before the box closes, so the ones it finished are kept.
+        cmd = [PY, os.path.join("scripts", "gpu_sync_check.py"), "--out", out,
+               "--seconds", f"{max(until - time.monotonic() - 20, 1):.0f}"] + (["--dry"] if self.dry else [])
+        rc = self.run(cmd, self.log_path(name), until - time.monotonic())
+        return sync_result(name, read_jsonl(out), rc, self.dry)
+
     def do_train(self, name: str, until: float) -> Result:
         if self.train is None:
             self.train = Training(self)
@@ -307,7 +322,7 @@ class Check:
                                 f"GPU: {self.probe.get('gpu') or 'none visible'}"), flush=True)
         plan = [("wheels", self.do_wheels), ("build", self.do_build), ("env", self.do_env),
                 ("tests-cuda", self.do_tests_cuda), ("tests-triton", self.do_tests_triton),
-                ("train", self.do_train), ("bench", self.do_bench)]
+                ("sync", self.do_sync), ("train", self.do_train), ("bench", self.do_bench)]
         for i, (name, fn) in enumerate(plan):
             if name == "tests-cuda":
                 # The CPU reference runs take longest and need no GPU: they start here, beside the
@@ -515,6 +530,34 @@ def marked_files(marker: str) -> list[str]:
     pat = re.compile(rf"pytest\.mark\.{marker}\b")
     files = glob.glob(os.path.join(ROOT, "tests", "**", "test_*.py"), recursive=True)
     return sorted(os.path.relpath(f, ROOT) for f in files if pat.search(open(f, encoding="utf-8").read()))
+
+
+def read_jsonl(path: str) -> list[dict]:
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def sync_result(name: str, recs: list[dict], rc: int | None, dry: bool) -> Result:
+    """The sync stage's verdict from gpu_sync_check.py's records: every (recipe, optimizer) ran, and none
+    synchronised with the host."""
+    rows = ["| recipe | optimizer | status | first sync (or error) | lowbit frame | s |", "|---|---|---|---|---|---:|"]
+    rows += [f"| {r.get('recipe')} | {r.get('optim')} | {r.get('status')} | {r.get('message', '').replace('|', '/')} "
+             f"| {r.get('frame', '')} | {num(r.get('seconds'), '.1f')} |" for r in recs]
+    bad = [f"{r.get('recipe')}/{r.get('optim')}" for r in recs if r.get("status") != "PASS"]
+    passed = "runs completed" if dry else "steps without a host sync"
+    note = (f"{sum(r.get('status') == 'PASS' for r in recs)}/{len(recs)} {passed}"
+            + (f"; failed: {', '.join(bad)}" if bad else ""))
+    if dry:
+        note = "--dry: steps ran on the CPU without set_sync_debug_mode (no CUDA), the code path only; " + note
+    if not recs:
+        note = ("timed out" if rc is None else f"rc {rc}") + ", no results (see logs/sync.log)"
+    elif rc != 0:
+        note += "; " + ("timed out" if rc is None else f"rc {rc}")
+    ok = bool(recs) and not bad and rc == 0
+    return Result(name, "PASS" if ok else "FAIL", note=note, details=rows)
 
 
 def junit_counts(xml: str) -> dict:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # lowbit end to end on one GPU machine, in one call of at most 8 minutes on one H100:
 #   build the CUDA extension for the visible GPU's arch and print `python -m lowbit.env`; run every
-#   test marked cuda and the Triton tests on the GPU (bit-exact with ref); train the tiny config 30
+#   test marked cuda and the Triton tests on the GPU (bit-exact with ref); check that no training step
+#   synchronises with the host (torch.cuda.set_sync_debug_mode, every recipe); train the tiny config 30
 #   steps per recipe on the GPU and on the CPU and judge each loss curve against the bf16 seed band;
 #   run lowbit bench quantize qmatmul linear attention (CSVs plus a one-page summary).
 # Each stage is time-boxed and a failed one does not stop the others; summary.md lists them all

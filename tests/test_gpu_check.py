@@ -91,6 +91,30 @@ def test_the_selected_test_files_exist_and_use_the_marker():
         assert os.path.isfile(os.path.join(ROOT, f))
 
 
+def test_the_edge_case_tests_run_in_both_test_stages():
+    edge = os.path.join("tests", "ops", "test_gpu_edge_cases.py")
+    assert edge in gc.marked_files("cuda") and edge in gc.marked_files("triton")
+    assert "test_edge" in gc.DRY_TRITON_K  # a few of them in the interpreter on --dry
+
+
+def test_sync_verdict(tmp_path):
+    rec = lambda recipe, optim, status, **kw: dict(recipe=recipe, optim=optim, status=status, seconds=1.0, **kw)  # noqa: E731
+    clean = [rec("bf16", "adamw", "PASS"), rec("bf16", "stable_spam", "PASS")]
+    res = gc.sync_result("sync", clean, 0, dry=False)
+    assert res.status == "PASS" and res.note == "2/2 steps without a host sync"
+    synced = clean + [rec("nvfp4", "stable_spam", "SYNC", message="called a synchronizing CUDA operation",
+                          frame="lowbit/optim/kernels.py:30 in grad_stats"), rec("int4", "adamw", "NOT RUN")]
+    res = gc.sync_result("sync", synced, 0, dry=False)
+    assert res.status == "FAIL" and "failed: nvfp4/stable_spam, int4/adamw" in res.note  # every sync fails
+    assert any("lowbit/optim/kernels.py:30 in grad_stats" in line for line in res.details)
+    assert gc.sync_result("sync", [], None, dry=False).status == "FAIL"  # nothing ran: no verdict to give
+    assert gc.sync_result("sync", clean, 1, dry=False).status == "FAIL"
+    assert gc.sync_result("sync", clean, 0, dry=True).note.startswith("--dry: steps ran on the CPU")
+    path = tmp_path / "sync.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in synced))
+    assert gc.read_jsonl(str(path)) == synced and gc.read_jsonl(str(tmp_path / "absent")) == []
+
+
 def test_bench_page_lists_limits_and_cases(tmp_path):
     path = tmp_path / "qmatmul-quick.csv"
     cols = "machine,device,suite,case,shape,p50_ms,unit,rate,ratio_to_limit,speedup_vs_torch_mm,speedup_vs_torchao"

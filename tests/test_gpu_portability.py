@@ -9,9 +9,14 @@ to allocate here:
   R = 1 with K = 2^25, K = 16 with R = 2^25, and the largest attention shapes; every kernel's tiles
   fit the shared memory of the GPUs lowbit builds for.
 * The fused optimizer step builds its device work table once per layout, not once per step.
+* A GEMM path falls back only on PyTorch's documented "unsupported" refusal of its scaled_mm call
+  (recorded for the process, warned once, the next path taken); an out-of-memory or any other error
+  propagates unchanged and is not recorded.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import importlib.util
 import os
 import types
@@ -327,3 +332,132 @@ def test_piece_table_of_the_fused_low_precision_step_is_reused(monkeypatch):
             opt.step()
         assert len(kernels._piece_tables) == 3  # the two above, and one for the model's layout
 
+
+
+# ----------------------------------------------------------------------------- scaled_mm refusals
+class FakeScaledMM:
+    """Stands in for `cuda.scaled_mm.scaled_mm`: raises `exc` on every call and counts the calls."""
+
+    def __init__(self, exc):
+        self.exc, self.calls = exc, 0
+
+    def __call__(self, plan, a, b, out_dtype):
+        self.calls += 1
+        raise self.exc
+
+
+@pytest.fixture
+def gemm_on(monkeypatch):
+    """The CUDA qmatmul on CPU tensors: a fake sm_89 (FP8 tensor-wise runs scaled_mm there), a fake
+    scaled_mm, and the two later paths made observable (Triton records its calls; dequant runs ref's)."""
+    import lowbit
+    from lowbit.backends import gemm
+
+    # modules, not the same-named functions their packages export
+    mod = importlib.import_module("lowbit.backends.cuda.qmatmul")
+    ref_quantize = importlib.import_module("lowbit.backends.ref.quantize")
+    triton_mod = importlib.import_module("lowbit.backends.triton.qmatmul")
+
+    def make(exc, triton_ok=True):
+        fake = FakeScaledMM(exc)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+        monkeypatch.setattr(mod, "scaled_mm", fake)
+        monkeypatch.setattr(mod, "_WARNED", set())
+        monkeypatch.setattr(mod, "_REFUSED", {})
+        monkeypatch.setattr(mod, "dequantize", ref_quantize.dequantize)
+        real = gemm.detect()
+        monkeypatch.setattr(gemm, "detect", lambda: dataclasses.replace(
+            real, triton=None if triton_ok else "not installed", f_scaled_mm=True, v1_scaled_mm=True,
+            scalings=real.scalings | {"TensorWise"}))
+        triton_calls = []
+        monkeypatch.setattr(triton_mod, "qmatmul", lambda a, b, out_dtype: triton_calls.append(out_dtype) or
+                            torch.full((a.data.shape[0], b.data.shape[0]), 7.0, dtype=out_dtype))
+        g = torch.Generator().manual_seed(0)
+        qa, qb = (lowbit.quantize(torch.randn(r, 64, generator=g), "fp8_e4m3", backend="ref") for r in (32, 16))
+        want = lowbit.qmatmul(qa, qb, out_dtype=torch.float32, backend="ref")
+        return mod, fake, triton_calls, qa.parts(), qb.parts(), want
+    return make
+
+
+def test_gemm_plan_is_scaled_mm_for_the_fake_gpu(gemm_on):
+    from lowbit.backends import gemm
+
+    mod, fake, _, a, b, _ = gemm_on(RuntimeError("x"))
+    assert gemm.plan_for(a, b, torch.float32, (8, 9)).path == "scaled_mm"  # the premise of the tests below
+
+
+def test_out_of_memory_in_scaled_mm_propagates_unchanged(gemm_on):
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.11 GiB total capacity)")
+    mod, fake, triton_calls, a, b, _ = gemm_on(oom)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for call in (1, 2):
+            with pytest.raises(torch.OutOfMemoryError) as got:
+                mod.qmatmul(a, b, torch.float32)
+            assert got.value is oom and fake.calls == call  # the same object; the next call tries scaled_mm again
+    assert not [w for w in record if "lowbit" in str(w.message)]
+    assert mod._REFUSED == {} and triton_calls == []
+
+
+@pytest.mark.parametrize("exc", [
+    RuntimeError("CUDA error: an illegal memory access was encountered"),
+    RuntimeError("Invalid scaling configuration.\n- For TensorWise scaling, a and b should be float8"),
+    ValueError("scale_a must have 1 Float element"),
+    RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling cublasLtMatmul with transpose_mat1 1"),
+], ids=["cuda-fault", "bad-layout", "bad-scale", "cublas-execution-failed"])
+def test_other_errors_in_scaled_mm_propagate_unchanged(gemm_on, exc):
+    mod, fake, triton_calls, a, b, _ = gemm_on(exc)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for call in (1, 2):
+            with pytest.raises(type(exc)) as got:
+                mod.qmatmul(a, b, torch.float32)
+            assert got.value is exc and fake.calls == call
+    assert not [w for w in record if "lowbit" in str(w.message)]
+    assert mod._REFUSED == {} and triton_calls == []
+
+
+@pytest.mark.parametrize("triton_ok", [True, False], ids=["to-triton", "to-dequant"])
+def test_an_unsupported_refusal_falls_back_once_and_is_remembered(gemm_on, triton_ok):
+    refusal = RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling `CUBLAS_STATUS_NOT_SUPPORTED`")
+    mod, fake, triton_calls, a, b, want = gemm_on(refusal, triton_ok)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        outs = [mod.qmatmul(a, b, torch.float32) for _ in range(2)]
+    assert fake.calls == 1  # the second call goes straight to the next path
+    warned = [str(w.message) for w in record if "lowbit qmatmul" in str(w.message)]
+    assert len(warned) == 1, warned
+    assert "fp8_e4m3 tensor x fp8_e4m3 tensor" in warned[0] and "sm_89" in warned[0]
+    assert "CUBLAS_STATUS_NOT_SUPPORTED" in warned[0] and ("triton" if triton_ok else "dequant") in warned[0]
+    if triton_ok:
+        assert triton_calls == [torch.float32, torch.float32]
+        assert all(torch.equal(o, torch.full_like(want, 7.0)) for o in outs)
+    else:
+        assert triton_calls == []
+        for o in outs:  # dequantize + fp32 mm: ref's GEMM up to the order of a 64-term fp32 sum
+            torch.testing.assert_close(o, want, rtol=1e-6, atol=1e-5)
+    assert list(mod._REFUSED.values()) == [str(refusal)]
+
+
+def test_other_combinations_are_not_marked_refused(gemm_on):
+    """The record is per (format pair, layouts, output dtype, capability): another output dtype tries again."""
+    refusal = NotImplementedError("torch._scaled_mm is only supported on CUDA devices with compute capability >= 9.0 "
+                                  "or 8.9, or ROCm MI300+")
+    mod, fake, triton_calls, a, b, _ = gemm_on(refusal)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mod.qmatmul(a, b, torch.float32)
+        mod.qmatmul(a, b, torch.bfloat16)
+    assert fake.calls == 2 and triton_calls == [torch.float32, torch.bfloat16]
+
+
+def test_every_documented_refusal_is_recognised_and_nothing_else():
+    from lowbit.backends.cuda import scaled_mm as S
+
+    for cls, message in S.UNSUPPORTED:
+        for raised in {cls, NotImplementedError} if cls is RuntimeError else {cls}:
+            assert S.unsupported(raised(message + " (details)")) == message + " (details)", (raised, message)
+    assert S.unsupported(torch.OutOfMemoryError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling x")) is None
+    assert S.unsupported(TypeError("Rowwise scaling is not currently supported on your device")) is None
+    assert S.unsupported(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasLtMatmul")) is None
+    assert S.unsupported(ValueError("Rowwise scaling is not currently supported on your device")) is None

@@ -238,11 +238,18 @@ def choose(a_fmt, a_tile, b_fmt, b_tile, out_dtype: torch.dtype = torch.bfloat16
     got = _scaled_mm_plan(fa, layout(fa, tuple(a_tile)), fb, layout(fb, tuple(b_tile)), out_dtype, cap, f, shape)
     if isinstance(got, Plan):
         return got
+    return after_scaled_mm(got, cap, f)
+
+
+def after_scaled_mm(reason: str, capability=(9, 0), features: Features | None = None) -> Plan:
+    """The next path in the table when scaled_mm cannot run a GEMM, `reason` saying why: Triton, else dequant."""
+    cap = capability_of(capability)
+    f = features or detect()
     if cap < (8, 0):
-        return Plan("dequant", f"{got}; the Triton GEMM needs sm_80+")
+        return Plan("dequant", f"{reason}; the Triton GEMM needs sm_80+")
     if f.triton is not None:
-        return Plan("dequant", f"{got}; the Triton backend is unavailable ({f.triton})")
-    return Plan("triton", got)
+        return Plan("dequant", f"{reason}; the Triton backend is unavailable ({f.triton})")
+    return Plan("triton", reason)
 
 
 def plan_for(a, b, out_dtype: torch.dtype, capability, features: Features | None = None) -> Plan:
@@ -276,5 +283,5 @@ def table(recipes, capability=(9, 0), features: Features | None = None, out_dtyp
     return rows
 
 
-__all__ = ["PATHS", "GEMM_ROLES", "Features", "Plan", "detect", "choose", "plan_for", "table", "layout", "tile_of",
-           "capability_of", "with_cuda"]
+__all__ = ["PATHS", "GEMM_ROLES", "Features", "Plan", "detect", "choose", "after_scaled_mm", "plan_for", "table",
+           "layout", "tile_of", "capability_of", "with_cuda"]

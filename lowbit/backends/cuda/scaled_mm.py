@@ -123,4 +123,35 @@ def scaled_mm(plan, a, b, out_dtype: torch.dtype) -> torch.Tensor:
     return run(build(plan, a, b, out_dtype))
 
 
-__all__ = ["Call", "build", "run", "scaled_mm"]
+# How PyTorch says that this GPU, its cuBLASLt or the torch build has no kernel for a call: (exception
+# class, message), from aten/src/ATen/native/cuda/ScaledBlas.cpp, RowwiseScaledMM.cu and
+# ATen/cuda/CUDABlas.cpp (2.10 - 2.14). TORCH_CHECK raises RuntimeError, TORCH_CHECK_NOT_IMPLEMENTED
+# NotImplementedError (a RuntimeError), TORCH_CHECK_VALUE ValueError. Anything else (an OOM, a shape or
+# layout error, which would be a bug in `build`, a CUDA fault) is no refusal.
+UNSUPPORTED = (
+    (RuntimeError, "torch._scaled_mm is only supported on CUDA devices with compute capability >= 9.0 or 8.9"),
+    (RuntimeError, "Rowwise scaling is not currently supported on your device"),
+    (RuntimeError, "DeepSeek style (1x128, 128x128) scaling only supported in CUDA for SM90"),
+    (RuntimeError, "DeepSeek style (1x128, 128x128) scaling requires cublasLt >= 12.9"),
+    (RuntimeError, "MXFP4 scaling only supported in CUDA for B200/B300"),
+    (RuntimeError, "MXFP4 scaling supported on ROCM and CUDA+FBGEMM_GENAI only"),
+    (RuntimeError, "scaled_gemm with `torch.float8_e8m0fnu` scales of 1x32 blocks is only supported for CUDA 12.8"),
+    (RuntimeError, "scaled_gemm with `torch.float8_e4m3fn` scales of 1x16 blocks is only supported for CUDA 12.8"),
+    # cuBLASLt found no algorithm (heuristic query empty, or cublasLtMatmul refused the layout)
+    (RuntimeError, "CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling"),
+    (ValueError, "Multiplication of two Float8_e5m2 matrices is not supported"),
+)
+
+
+def unsupported(exc: BaseException) -> str | None:
+    """PyTorch's message when `exc` is its documented refusal of a scaled_mm call, else None."""
+    if isinstance(exc, torch.OutOfMemoryError):  # a RuntimeError too: never a refusal, whatever it says
+        return None
+    text = str(exc)
+    for cls, message in UNSUPPORTED:
+        if isinstance(exc, cls) and message in text:
+            return text.strip().splitlines()[0]
+    return None
+
+
+__all__ = ["Call", "build", "run", "scaled_mm", "UNSUPPORTED", "unsupported"]
