@@ -12,29 +12,15 @@ import sys
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "optim"))
+from _zero_common import batch, make_model  # noqa: E402  (the ZeRO optimizer tests' model and data)
+
 STEPS = 6
 DECAY = 0.7
-VOCAB = 96
-
-
-def make_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                      tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).float()
 
 
 def make_optimizer(params):
     return torch.optim.AdamW(params, lr=3e-3, weight_decay=0.01)
-
-
-def batch(t):
-    """The global batch of step t: 4 sequences of 16 tokens; rank r takes rows 2r and 2r+1."""
-    g = torch.Generator().manual_seed(1000 + t)
-    return torch.randint(0, VOCAB, (4, 16), generator=g)
 
 
 def main(out, ckdir):
