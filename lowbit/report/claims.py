@@ -4,7 +4,10 @@ Runs are grouped into cells (recipe, optimizer, condition); a cell's loss is the
 final validation losses. A gap between two cells is judged against the bf16 AdamW seeds' standard
 deviation sigma, as a two-sample difference: z = (mean_a - mean_b) / (sigma * sqrt(1/n_a + 1/n_b)).
 That ignores the pairing by seed (same seed = same initialisation and data order), which would
-shrink the noise, so it is conservative; the per-seed paired gaps are listed beside it.
+shrink the noise, so it is conservative, and it alone gives the verdict. Beside it, for information:
+the per-seed paired gaps and a paired z, mean(d) / (s_d / sqrt(n_pairs)), where d = a - b per seed
+and s_d is the standard deviation of d pooled over every claim with at least two paired seeds (the
+pairs are few, so one pooled estimate instead of one per claim).
 
 A claim that one cell is worse (or better) than another is "reproduced" when |z| > k in the claimed
 direction, "inside the noise" when |z| <= k, "contradicted" when |z| > k the other way. A claim that
@@ -103,11 +106,24 @@ def judge(table: dict[tuple, dict[int, float]], sigma: float, k: float = 2.0, cl
         noise = sigma * math.sqrt(1 / len(a) + 1 / len(b)) if sigma and math.isfinite(sigma) else math.nan
         z = (ma - mb) / noise if noise and math.isfinite(noise) else math.nan
         paired = {s: (a[s] - b[s]) / b[s] for s in sorted(set(a) & set(b))}
-        rows.append({"paper": c.paper, "claim": c.text, "a": "/".join(c.a), "b": "/".join(c.b), "expect": c.expect,
+        diffs = [a[s] - b[s] for s in sorted(set(a) & set(b))]
+        rows.append({"diffs": diffs, "paper": c.paper, "claim": c.text, "a": "/".join(c.a), "b": "/".join(c.b), "expect": c.expect,
                      "n_a": len(a), "n_b": len(b), "mean_a": ma, "mean_b": mb, "rel_gap": (ma - mb) / mb, "sigmas": z,
                      "resolution": k * noise / mb if math.isfinite(noise) else math.nan,
                      "paired_rel_gaps": paired, "verdict": verdict(z, c.expect, k)})
+    s_d = pooled_paired_std([r["diffs"] for r in rows])
+    for r in rows:
+        d = r.pop("diffs")
+        r["paired_z"] = statistics.fmean(d) / (s_d / math.sqrt(len(d))) if d and s_d and math.isfinite(s_d) \
+            else math.nan
     return rows
+
+
+def pooled_paired_std(groups: list[list[float]]) -> float:
+    """The standard deviation of paired differences, pooled over the groups with two or more."""
+    ss = sum(sum((x - statistics.fmean(g)) ** 2 for x in g) for g in groups if len(g) > 1)
+    dof = sum(len(g) - 1 for g in groups if len(g) > 1)
+    return math.sqrt(ss / dof) if dof else math.nan
 
 
 def markdown(rows: list[dict], sigma: float, k: float) -> list[str]:
@@ -117,13 +133,14 @@ def markdown(rows: list[dict], sigma: float, k: float) -> list[str]:
          f"Each claim compares two cells (recipe/optimizer/condition, the mean over their seeds). sigma = "
          f"{sigma:.4f}, the bf16 AdamW seeds' standard deviation; z = gap / (sigma sqrt(1/n_a + 1/n_b)); "
          f"|z| <= {k:g} is inside the noise. *Resolution* is the smallest relative gap this comparison could call "
-         "(k times its noise). Paired gaps are (a - b) / b per seed both cells ran.", "",
-         "| paper | claim | a | b | n | gap | z | resolution | paired gaps by seed | verdict |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
+         "(k times its noise). Paired gaps are (a - b) / b per seed both cells ran; paired z (information only, "
+         "not the verdict) divides their mean by the pooled spread of paired differences.", "",
+         "| paper | claim | a | b | n | gap | z | resolution | paired gaps by seed | paired z | verdict |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         paired = ", ".join(f"s{s} {100 * g:+.2f} %" for s, g in r["paired_rel_gaps"].items()) or "-"
         L.append(f"| {r['paper']} | {r['claim']} | {r['a']} | {r['b']} | {r['n_a']} vs {r['n_b']} | "
                  f"{100 * r['rel_gap']:+.2f} % | {r['sigmas']:+.1f} | {100 * r['resolution']:.2f} % | {paired} | "
-                 f"**{r['verdict']}** |")
+                 f"{r['paired_z']:+.1f} | **{r['verdict']}** |")
     L.append("")
     return L

@@ -142,6 +142,10 @@ def test_claim_verdicts():
     assert r["sigmas"] == pytest.approx((4.09 - 4.0) / (0.02 * math.sqrt(1 / 2 + 1 / 3)))
     assert r["verdict"] == C.REPRODUCED and r["paired_rel_gaps"] == pytest.approx({0: 0.025, 1: 0.06 / 4.02})
     assert len(rows) == 1  # claims whose cells did not run are left out
+    # paired: d = (0.10, 0.06), pooled s_d = 0.02 sqrt(2) from this claim alone; z = 0.08 / (s_d / sqrt(2))
+    assert r["paired_z"] == pytest.approx(4.0)
+    assert C.pooled_paired_std([[1.0, 3.0], [5.0], [2.0, 2.0, 5.0]]) == pytest.approx(math.sqrt((2 + 6) / 3))
+    assert math.isnan(C.pooled_paired_std([[1.0], []]))
 
 
 def test_corpus_pieces():
