@@ -140,18 +140,19 @@ def markdown(s: A.Settings, an: dict, meta: dict, k: float) -> str:
          f"deviation from {s.baseline_seeds} seeds is itself uncertain (with 3 seeds the true value can be about "
          "twice the estimate), so only large gaps are conclusive at this scale.", ""]
     lad = an.get("ladder")
+    only_baseline = bool(lad) and all(r["verdict"] == "baseline" for r in lad["rows"])
     if lad:
         b = lad["band"]
-        L += ["## 1. Recipe ladder", "", f"Paper: {PAPER['ladder']}", "",
-              f"bf16 over {b['n']} seeds: mean {b['mean']:.4f}, std {fmt(b['std'])} "
+        L += (["## 1. Baseline", ""] if only_baseline else ["## 1. Recipe ladder", "", f"Paper: {PAPER['ladder']}", ""])
+        L += [f"bf16 over {b['n']} seeds: mean {b['mean']:.4f}, std {fmt(b['std'])} "
               f"({fmt(100 * b['rel_std'], 2)} % of the mean), range {b['low']:.4f}-{b['high']:.4f}.", "",
               "| run | recipe | seed | final val loss | gap to bf16 mean | sigmas | verdict | wall time vs bf16 |",
               "|---|---|---|---|---|---|---|---|"]
         for r in lad["rows"]:
             L.append(f"| {r['run']} | {r['recipe']} | {r['seed']} | {fmt(r['val_loss'])} | {pct(r['rel_gap'])} | "
                      f"{fmt(r['sigmas'], 1)} | {r['verdict']} | {fmt(r['time_vs_bf16'], 2)}x |")
-        L += ["", "![ladder loss curves](ladder.png)", "", "![ladder final losses](ladder_final.png)", "",
-              ladder_reading(lad, k), ""]
+        L += ["", "![ladder loss curves](ladder.png)", "", "![ladder final losses](ladder_final.png)", ""]
+        L += [] if only_baseline else [ladder_reading(lad, k), ""]
     opt = an.get("optim")
     if opt:
         L += ["## 2. 4-bit optimizer stability", "", f"Paper: {PAPER['optim']}", "",
