@@ -227,7 +227,7 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     res = CL.run(s, say=lambda text: print(text, flush=True))
-    meta = {"command": "lowbit report continual " + " ".join(shlex.quote(a) for a in argv),
+    meta = {"command": " ".join(["lowbit report continual"] + [shlex.quote(a) for a in argv]),
             "machine": machine_name("cpu"), "wall_time_s": time.time() - t0}
     (out / "README.md").write_text(markdown(res, meta))
     with open(out / "results.json", "w") as f:
