@@ -301,7 +301,9 @@ def figures(out: Path, res: dict[str, runner.Result], an: dict) -> list[str]:
                 panels[f"{recipe} {cond}"] = {f"{r.spec.optimizer} s{r.spec.seed}": c(r) for r in res.values()
                                               if r.spec.task == "pretrain" and r.spec.recipe == recipe
                                               and r.spec.condition == cond and r.spec.optimizer in d["order"][recipe]}
-        notes.append(plots.curves(out / "optim.png", "optimizers by recipe, clean and with gradient spikes", panels))
+        per_row = max(len(d["order"]) for d in an["optim"].values())  # a row per condition
+        notes.append(plots.curves(out / "optim.png", "optimizers by recipe, clean and with gradient spikes", panels,
+                                  cols=per_row))
     sft = [r for r in res.values() if r.spec.arm == "sft"]
     if sft:
         # training losses of different objectives are on different scales: only the held-out NLL is drawn

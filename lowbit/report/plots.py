@@ -25,8 +25,9 @@ def smooth(points: list[tuple[int, float]], window: int) -> list[tuple[int, floa
 
 
 def curves(path: Path, title: str, panels: dict[str, dict[str, dict]], band: dict | None = None,
-           window: int = 10) -> str:
+           window: int = 10, cols: int | None = None) -> str:
     """One panel per key of `panels`; each maps a label to {"train": [(step, loss)], "val": [...]}.
+    Panels fill rows of `cols` (default: one row).
 
     Training loss is drawn smoothed (solid), validation loss as markers joined by dashes. `band`,
     when given, shades {"low": x, "high": y} on every panel's last validation step: the baseline's
@@ -37,8 +38,12 @@ def curves(path: Path, title: str, panels: dict[str, dict[str, dict]], band: dic
     except ImportError:
         return f"matplotlib is not installed: {path.name} not written"
     n = len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 4.2), squeeze=False)
-    for ax, (ptitle, series) in zip(axes[0], panels.items()):
+    cols = min(cols or n, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax, (ptitle, series) in zip(axes.flat, panels.items()):
         for i, (label, c) in enumerate(series.items()):
             color = f"C{i % 10}"
             tr = smooth(c.get("train", []), window)
