@@ -134,7 +134,8 @@ def markdown(s: A.Settings, an: dict, meta: dict, k: float) -> str:
          f"Model: Llama-style, hidden {s.hidden}, {s.layers} layers, {s.heads} heads, MLP {s.intermediate}, "
          f"{meta.get('parameters', '?')} parameters; data: lowbit's embedded corpus (stdlib source, BPE 4096), "
          f"sequence {s.seq_len}, batch {s.batch}; {s.steps} pretraining steps at lr {s.lr} (warm-up {s.warmup}, "
-         f"cosine), {s.sft_steps} SFT steps at lr {s.sft_lr}; validation loss over {s.eval_batches} batches.", "",
+         "cosine)" + (f", {s.sft_steps} SFT steps at lr {s.sft_lr}" if an.get("sft") else "")
+         + f"; validation loss over {s.eval_batches} batches. A seed sets the initial weights and the data order.", "",
          f"Noise rule: the baseline (bf16) runs with {s.baseline_seeds} seeds; a gap inside {k:g} standard "
          "deviations of those seeds is called **indistinguishable**, never a win or a loss. A standard "
          f"deviation from {s.baseline_seeds} seeds is itself uncertain (with 3 seeds the true value can be about "
