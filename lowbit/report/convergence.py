@@ -159,9 +159,11 @@ def markdown(s: A.Settings, an: dict, meta: dict, k: float) -> str:
         L += ["## 2. 4-bit optimizer stability", "", f"Paper: {PAPER['optim']}", "",
               "Cells recipe/optimizer over seeds "
               f"{s.seed}..{s.seed + s.optim_seeds - 1} (the recipe on every block Linear: fprop, dgrad, wgrad), "
-              "global-norm clipping at 1.0 as in every run. Spikes: from step "
-              f"{s.spikes.start}, every {s.spikes.every} steps, {100 * s.spikes.fraction:g} % of each weight "
-              f"gradient's entries multiplied by {s.spikes.factor:g} (before clipping). These runs use the loop of "
+              "global-norm clipping at 1.0 as in every run. "
+              + (f"Spikes: from step {s.spikes.start}, every {s.spikes.every} steps, {100 * s.spikes.fraction:g} % "
+                 f"of each weight gradient's entries multiplied by {s.spikes.factor:g} (before clipping). "
+                 if "spikes" in s.conditions else "")
+              + "These runs use the loop of "
               "`lowbit/report/spikes.py`, which without spikes gives `lowbit.train.run`'s losses bit for bit "
               "(tests/report), so a clean AdamW cell reuses the ladder's runs. Gaps are to the same recipe's AdamW, "
               "judged against the bf16 seeds' std as the claims below are.", ""]
