@@ -38,15 +38,22 @@ def _round_int(v, rbits, STOCHASTIC: tl.constexpr):
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, codes_ptr, rec_ptr, n_groups, G, K, g, seed, inner, WEIGHT: tl.constexpr,
-                     STOCHASTIC: tl.constexpr, BF16: tl.constexpr, PACK: tl.constexpr, GR: tl.constexpr,
-                     GP: tl.constexpr):
+def _group_tile(n_groups, G, g, GR: tl.constexpr, GP: tl.constexpr):
+    """This program's GR groups of g (padded to GP): group ids, positions in a group, masks, row, group
+    in the row and column of every element."""
     grp = tl.program_id(0).to(tl.int64) * GR + tl.arange(0, GR)
     j = tl.arange(0, GP)
     gmask = grp < n_groups
     mask = gmask[:, None] & (j < g)[None, :]
     r, c = grp // G, grp % G
-    col = c[:, None] * g + j[None, :]
+    return grp, j, gmask, mask, r, c, c[:, None] * g + j[None, :]
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, codes_ptr, rec_ptr, n_groups, G, K, g, seed, inner, WEIGHT: tl.constexpr,
+                     STOCHASTIC: tl.constexpr, BF16: tl.constexpr, PACK: tl.constexpr, GR: tl.constexpr,
+                     GP: tl.constexpr):
+    grp, j, gmask, mask, r, c, col = _group_tile(n_groups, G, g, GR, GP)
     v = load_fp32(x_ptr, r[:, None] * K + col, mask, BF16)
     bits = v.to(tl.int32, bitcast=True)
     nonfinite = mask & ((bits & 0x7F800000) == 0x7F800000)
@@ -105,12 +112,7 @@ def _quantize_kernel(x_ptr, codes_ptr, rec_ptr, n_groups, G, K, g, seed, inner, 
 @triton.jit
 def _dequantize_kernel(data_ptr, rec_ptr, out_ptr, n_groups, G, K, g, WEIGHT: tl.constexpr, GR: tl.constexpr,
                        GP: tl.constexpr):
-    grp = tl.program_id(0).to(tl.int64) * GR + tl.arange(0, GR)
-    j = tl.arange(0, GP)
-    gmask = grp < n_groups
-    mask = gmask[:, None] & (j < g)[None, :]
-    r, c = grp // G, grp % G
-    col = c[:, None] * g + j[None, :]
+    grp, j, gmask, mask, r, c, col = _group_tile(n_groups, G, g, GR, GP)
     byte = tl.load(data_ptr + r[:, None] * (K // 2) + col // 2, mask=mask, other=0).to(tl.int32)
     code = (byte >> ((col & 1) * 4).to(tl.int32)) & 0xF
     if WEIGHT:
