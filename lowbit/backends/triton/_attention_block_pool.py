@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attention_common import attend_block, block_keys, key_scores, launch_args
+from ._attention_common import attend_block, block_keys, key_scores, launch_args, query_tile
 
 
 @triton.jit
@@ -22,21 +22,10 @@ def _pool_fwd(Q, K, V, O, P, scale, S, H, G, N_BLOCKS,
               sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
               CAUSAL: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
               BDV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, IEEE: tl.constexpr):
-    q_tiles = N_BLOCKS * (BS // BM)
-    bh = tl.program_id(0) // q_tiles
-    t = tl.program_id(0) % q_tiles
-    i = t // (BS // BM)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    kvh = h // G
-    offs_m = t * BM + tl.arange(0, BM)
-    offs_d = tl.arange(0, BD)
+    bh, i, b, h, offs_m, rows, q, kbase, vbase = query_tile(Q, S, H, G, N_BLOCKS, sqb, sqh, sqs, skb, skh, svb, svh,
+                                                            BS, BM, BD, D)
     offs_dv = tl.arange(0, BDV)
-    rows = offs_m.to(tl.int64)[:, None]
     row_ok = offs_m < S
-    q = tl.load(Q + b * sqb + h * sqh + rows * sqs + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    kbase, vbase = b * skb + kvh * skh, b * svb + kvh * svh
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BDV], tl.float32)

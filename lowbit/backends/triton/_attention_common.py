@@ -21,6 +21,25 @@ TILE_CHOICES = ((64, 64, 3), (64, 64, 2), (64, 32, 2), (32, 32, 2), (32, 16, 2),
 
 
 @triton.jit
+def query_tile(Q, S, H, G, N_BLOCKS, sqb, sqh, sqs, skb, skh, svb, svh, BS: tl.constexpr, BM: tl.constexpr,
+               BD: tl.constexpr, D: tl.constexpr):
+    """This program's (batch * head, query tile) from the flat grid: bh, its query block i, b, h, the rows
+    offs_m (and as int64 column `rows`), the loaded Q tile, and the K / V base offsets of its KV head."""
+    q_tiles = N_BLOCKS * (BS // BM)
+    bh = tl.program_id(0) // q_tiles
+    t = tl.program_id(0) % q_tiles
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    kvh = h // G
+    offs_m = t * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    rows = offs_m.to(tl.int64)[:, None]
+    q = tl.load(Q + b * sqb + h * sqh + rows * sqs + offs_d[None, :],
+                mask=(offs_m[:, None] < S) & (offs_d[None, :] < D), other=0.0)
+    return bh, t // (BS // BM), b, h, offs_m, rows, q, b * skb + kvh * skh, b * svb + kvh * svh
+
+
+@triton.jit
 def key_scores(q, K, kbase, n0, offs_m, S, sks, scale, CAUSAL: tl.constexpr, BN: tl.constexpr,
                BD: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
     """Scores of the query rows `offs_m` against keys n0 .. n0 + BN, -inf where masked; and the key offsets."""
