@@ -21,9 +21,8 @@ import warnings
 import torch
 
 from .. import gemm
-from . import scaled_mm as scaled_mm_mod
 from .quantize import dequantize
-from .scaled_mm import scaled_mm
+from .scaled_mm import scaled_mm, unsupported
 
 _WARNED: set[tuple] = set()
 _REFUSED: dict[tuple, str] = {}  # (a desc, b desc, out dtype, capability) -> PyTorch's refusal
@@ -47,7 +46,7 @@ def _try_scaled_mm(plan, a, b, out_dtype, cap) -> tuple[torch.Tensor | None, gem
         try:
             return scaled_mm(plan, a, b, out_dtype), None
         except (RuntimeError, ValueError) as exc:
-            refused = scaled_mm_mod.unsupported(exc)
+            refused = unsupported(exc)
             if refused is None:
                 raise
             _REFUSED[key] = refused
