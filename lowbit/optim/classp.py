@@ -7,7 +7,6 @@ import numbers
 
 import torch
 
-from . import kernels
 from ._base import LowbitOptimizer, check_grad, check_nonneg
 from .zero import reduce_pieces
 from .zero_pieces import FlatPartitions
@@ -98,12 +97,7 @@ class CLASSP(FlatPartitions, LowbitOptimizer):
         flats = [w for w in params if self._is_flat(w)]
         plain = [w for w in params if w.numel() and not self._is_flat(w)]
         pieces = self._pieces(group, plain, flats, 0)
-        local = [pc for pc in pieces if pc.length]
-        for pc in local:
-            pc.grad = pc.grad_view()
-        amax, sumsq = kernels.grad_stats([pc.grad for pc in local])
-        for pc, a, q in zip(local, amax, sumsq):
-            pc.amax, pc.sumsq = a, q
+        self._local_stats(pieces)
         if relative:  # the mean square of each whole tensor, over the ranks' slices
             reduce_pieces(pieces, ("amax", "sumsq"), ("max", "sum"))
         for pc in pieces:

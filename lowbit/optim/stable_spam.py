@@ -179,12 +179,7 @@ class StableSPAM(FlatPartitions, LowbitOptimizer):
             self._step_pieces(group, pieces, index, T, s)
 
     def _step_pieces(self, group, pieces, index, T, s):
-        local = [pc for pc in pieces if pc.length]
-        for pc in local:
-            pc.grad = pc.grad_view()
-        amax_l, sumsq_l = kernels.grad_stats([pc.grad for pc in local])
-        for pc, a, q in zip(local, amax_l, sumsq_l):
-            pc.amax, pc.sumsq = a, q
+        self._local_stats(pieces)
         reduce_pieces(pieces, ("amax", "sumsq"), ("max", "sum"))
 
         live, clip_at = [], []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from . import state as S
 
 
@@ -83,6 +84,18 @@ class FlatPartitions:
         for flat in flats:
             pieces += self._flat_pieces(group, flat, T)
         return pieces
+
+    @staticmethod
+    def _local_stats(pieces: list[Piece]) -> list[Piece]:
+        """Give each piece this rank holds elements of its gradient view, max |g| and sum g^2 (`amax`,
+        `sumsq`, one kernel call for all); -> those pieces."""
+        local = [pc for pc in pieces if pc.length]
+        for pc in local:
+            pc.grad = pc.grad_view()
+        amax, sumsq = kernels.grad_stats([pc.grad for pc in local])
+        for pc, a, q in zip(local, amax, sumsq):
+            pc.amax, pc.sumsq = a, q
+        return local
 
     def _flat_pieces(self, group, flat, T) -> list[Piece]:
         if flat.dtype != torch.float32:
