@@ -280,7 +280,8 @@ class FakeOptimExtension:
 
     def optim_adam_step(self, params, grads, ms, vs, scalars, layout):
         self.used.append(layout)
-        ref.optim.adam_step(params, grads, ms, vs, [tuple(r) for r in scalars.tolist()])
+        assert scalars.device == params[0].device and scalars.shape == (len(params), len(ref.optim.SCALARS))
+        ref.optim.adam_step(params, grads, ms, vs, scalars)
 
 
 def run_steps(monkeypatch, steps: int, with_fake: bool):
@@ -312,7 +313,7 @@ def test_fused_step_builds_its_work_table_once_per_layout(monkeypatch):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     # another layout gets its own table; the first one is still reused
     p = [torch.zeros(3), torch.zeros(70000)]
-    cuda_optim.adam_step(p, p, p, p, torch.zeros(2, 13, dtype=torch.float64))
+    cuda_optim.adam_step(p, p, p, p, torch.zeros(2, len(ref.optim.SCALARS), dtype=torch.float64))
     assert fake.layouts[-1] == (3, 70000) and len(fake.layouts) == 2
 
 

@@ -9,17 +9,18 @@
 
 namespace lowbit::cpu::optim {
 
-constexpr int kScalarCount = 13;  // lowbit.optim.kernels.SCALARS
+constexpr int kScalarCount = 14;  // lowbit.optim.kernels.SCALARS
 
-// The per-tensor scalars, in the order of lowbit.optim.kernels.SCALARS, as fp32.
+// The per-tensor scalars, in the order of lowbit.optim.kernels.SCALARS, as fp32. `skip`: the tensor
+// is left untouched (its gradient held NaN / Inf), its gradient not even read.
 struct Scalars {
-  bool clip, zero;
+  bool clip, zero, skip;
   float mh, r, f, b1, omb1, b2, omb2, inv_sbc2, eps, decay, step;
 };
 
-// One row of 13 fp64 values (each fp32-exact) -> Scalars.
+// One row of 14 fp64 values (each fp32-exact) -> Scalars.
 inline Scalars scalars_from_row(const double* row) {
-  return {row[0] != 0.0, row[12] != 0.0, static_cast<float>(row[1]), static_cast<float>(row[2]),
+  return {row[0] != 0.0, row[12] != 0.0, row[13] != 0.0, static_cast<float>(row[1]), static_cast<float>(row[2]),
           static_cast<float>(row[3]), static_cast<float>(row[4]), static_cast<float>(row[5]),
           static_cast<float>(row[6]), static_cast<float>(row[7]), static_cast<float>(row[8]),
           static_cast<float>(row[9]), static_cast<float>(row[10]), static_cast<float>(row[11])};
@@ -43,8 +44,9 @@ inline void adam_range(float* __restrict p, const float* __restrict g, float* __
   }
 }
 
-// The step over n elements with the variant the scalars select.
+// The step over n elements with the variant the scalars select; nothing at all where skip is set.
 inline void adam_step_range(float* p, const float* g, float* m, float* v, int64_t n, const Scalars& s) {
+  if (s.skip) return;
   if (s.clip)
     s.zero ? adam_range<true, true>(p, g, m, v, n, s) : adam_range<true, false>(p, g, m, v, n, s);
   else

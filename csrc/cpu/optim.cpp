@@ -1,6 +1,6 @@
 // Stable-SPAM step kernels for CPU: per-tensor statistics and the fused elementwise update, each one
 // call over a list of tensors with OpenMP across (tensor, chunk) work items. Bit-exact with the spec in
-// lowbit/optim/kernels.py: every fp32 operation rounded on its own (the build uses -ffp-contract=off),
+// lowbit/backends/ref/optim.py: every fp32 operation rounded on its own (the build uses -ffp-contract=off),
 // and sum g^2 in fp64 over the spec's fixed tree (16 lanes, adjacent pairwise tree over rows).
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -133,14 +133,15 @@ void check_f32(const at::Tensor& t, const char* what) {
 }
 
 // -> [n, 2] fp64: (max |g| or +inf where g holds NaN / Inf, sum g^2) or, with clipping,
-// (sum of clipped values squared, clipped count).
+// (sum of clipped values squared, clipped count); `table` (clipping only): rows (clip, mh, r), a
+// tensor whose clip is 0 is not read and gets (0, 0).
 template <bool kClip>
-at::Tensor stats_impl(const std::vector<at::Tensor>& grads, const std::vector<double>& mh,
-                      const std::vector<double>& r) {
+at::Tensor stats_impl(const std::vector<at::Tensor>& grads, const double* table) {
   const int64_t nt = static_cast<int64_t>(grads.size());
   std::vector<StatItem> items;
   for (int64_t t = 0; t < nt; ++t) {
     check_f32(grads[t], "grads");
+    if (kClip && table[3 * t] == 0.0) continue;  // no work items: its sums fold to (0, 0)
     const int64_t rows = (grads[t].numel() + kLanes - 1) / kLanes;
     for (int64_t r0 = 0; r0 < rows; r0 += kStatRows) items.push_back({t, r0, std::min(rows, r0 + kStatRows), {}, 0.f, 0});
   }
@@ -156,8 +157,8 @@ at::Tensor stats_impl(const std::vector<at::Tensor>& grads, const std::vector<do
 #pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
     for (int64_t i = 0; i < ni; ++i) {
       StatItem& it = items[i];
-      const float m = kClip ? static_cast<float>(mh[it.tensor]) : 0.f;
-      const float s = kClip ? static_cast<float>(r[it.tensor]) : 0.f;
+      const float m = kClip ? static_cast<float>(table[3 * it.tensor + 1]) : 0.f;
+      const float s = kClip ? static_cast<float>(table[3 * it.tensor + 2]) : 0.f;
       stat_rows<kClip>(ptr[it.tensor], numel[it.tensor], it, m, s);
     }
   }
@@ -185,11 +186,20 @@ at::Tensor stats_impl(const std::vector<at::Tensor>& grads, const std::vector<do
   return out;
 }
 
-at::Tensor grad_stats(const std::vector<at::Tensor>& grads) { return stats_impl<false>(grads, {}, {}); }
+at::Tensor grad_stats(const std::vector<at::Tensor>& grads) { return stats_impl<false>(grads, nullptr); }
 
-at::Tensor clip_stats(const std::vector<at::Tensor>& grads, const std::vector<double>& mh, const std::vector<double>& r) {
-  TORCH_CHECK(mh.size() == grads.size() && r.size() == grads.size(), "mh, r: expected one value per gradient");
-  return stats_impl<true>(grads, mh, r);
+// A per-tensor fp64 table of `cols` columns, one row per tensor, on the CPU; contiguous.
+at::Tensor table_arg(const at::Tensor& t, int64_t rows, int64_t cols, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), what, ": expected a [", rows, ", ", cols, "] fp64 tensor on the CPU, got one on ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == at::kDouble && t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, what,
+              ": expected a [", rows, ", ", cols, "] fp64 tensor, got ", t.scalar_type(), " of shape ", t.sizes());
+  return t.contiguous();
+}
+
+at::Tensor clip_stats(const std::vector<at::Tensor>& grads, const at::Tensor& table) {
+  const at::Tensor tab = table_arg(table, static_cast<int64_t>(grads.size()), 3, "table");
+  return stats_impl<true>(grads, tab.data_ptr<double>());
 }
 
 void adam_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
@@ -197,10 +207,8 @@ void adam_step(const std::vector<at::Tensor>& params, const std::vector<at::Tens
   const int64_t nt = static_cast<int64_t>(params.size());
   TORCH_CHECK(grads.size() == params.size() && ms.size() == params.size() && vs.size() == params.size(),
               "params, grads, ms, vs: expected lists of the same length");
-  TORCH_CHECK(scalars.scalar_type() == at::kDouble && scalars.dim() == 2 && scalars.size(0) == nt &&
-                  scalars.size(1) == kScalarCount && scalars.is_contiguous(),
-              "scalars: expected a contiguous [n, 13] fp64 tensor");
-  const double* sc = scalars.data_ptr<double>();
+  const at::Tensor tab = table_arg(scalars, nt, kScalarCount, "scalars");
+  const double* sc = tab.data_ptr<double>();
   std::vector<Scalars> s(nt);
   struct Item {
     int64_t tensor, begin, end;
@@ -221,6 +229,7 @@ void adam_step(const std::vector<at::Tensor>& params, const std::vector<at::Tens
     gp[t] = grads[t].data_ptr<float>();
     mp[t] = ms[t].data_ptr<float>();
     vp[t] = vs[t].data_ptr<float>();
+    if (s[t].skip) continue;  // no work items: left untouched
     for (int64_t b = 0; b < n; b += kStepChunk) items.push_back({t, b, std::min(n, b + kStepChunk)});
   }
   pybind11::gil_scoped_release nogil;
@@ -241,9 +250,13 @@ void adam_step(const std::vector<at::Tensor>& params, const std::vector<at::Tens
 const lowbit::Bindings<lowbit::CpuExt> kOptimBindings([](pybind11::module_& m) {
   m.def("optim_grad_stats", &grad_stats, "Per tensor (max |g| or inf if non-finite, sum g^2 in the spec's order)",
         pybind11::arg("grads"));
-  m.def("optim_clip_stats", &clip_stats, "Per tensor (sum of AdaClip-clipped g^2, clipped count)",
-        pybind11::arg("grads"), pybind11::arg("mh"), pybind11::arg("r"));
-  m.def("optim_adam_step", &adam_step, "Fused Stable-SPAM elementwise step over lists of fp32 tensors",
+  m.def("optim_clip_stats", &clip_stats,
+        "Per tensor (sum of AdaClip-clipped g^2, clipped count); table: [n, 3] fp64 (clip, mh, r), (0, 0) where "
+        "clip is 0",
+        pybind11::arg("grads"), pybind11::arg("table"));
+  m.def("optim_adam_step", &adam_step,
+        "Fused Stable-SPAM elementwise step over lists of fp32 tensors; scalars: [n, 14] fp64 (SCALARS), a row "
+        "whose skip is set leaves its tensor untouched",
         pybind11::arg("params"), pybind11::arg("grads"), pybind11::arg("ms"), pybind11::arg("vs"),
         pybind11::arg("scalars"));
 });

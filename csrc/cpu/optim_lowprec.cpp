@@ -3,7 +3,9 @@
 // full-size fp32 temporary: each (carrier, chunk) work item streams its tensor block by block through
 // a few stack buffers. A carrier is a parameter (one piece) or a ZeRO flat partition (several pieces, each
 // with its own scalars); every element of a carrier is decoded and re-encoded, pieces or not, as the
-// Python path re-encodes the whole carrier.
+// Python path re-encodes the whole carrier. A piece whose `skip` is set is not stepped (its elements are
+// decoded and re-encoded like a gap between pieces); a carrier without a piece to step is not touched at
+// all, as the Python path leaves it out.
 //
 // Per block of the carrier (flat, row-major index i):
 //   decode   bf16: exact widening; fp8: code(E4M3 m / E5M2 v) * block scale; int8: book[code] * absmax
@@ -255,7 +257,7 @@ inline void step_block(const Carrier& c, const Piece* pieces, int64_t& pi, int64
   for (int64_t j = pi; j < c.piece1 && pieces[j].start < b0 + nb; ++j) {
     const Piece& pc = pieces[j];
     const int64_t lo = std::max(pc.start, b0), hi = std::min(pc.start + pc.len, b0 + nb);
-    if (lo >= hi) continue;
+    if (lo >= hi || pc.s.skip) continue;  // a skipped piece is a gap: no step, no zeroing after it
     adam_step_range(c.p + lo, pc.g + (lo - pc.start), mb + (lo - b0), vb + (lo - b0), hi - lo, pc.s);
     if (pc.zero_after) {
       std::fill(mb + (lo - b0), mb + (hi - b0), 0.f);
@@ -344,7 +346,7 @@ StateFmt parse_state_dtype(const std::string& s) {
 //   m_scales / v_scales  fp8 / int8: fp32 [number of blocks]; bf16: empty lists
 //   grads              one fp32 tensor per piece, its length
 //   pieces             int64 [P, 3]: (carrier index, start, length), non-overlapping within a carrier
-//   scalars            fp64 [P, 14]: lowbit.optim.kernels.SCALARS, then zero_after (0 / 1)
+//   scalars            fp64 [P, 15]: lowbit.optim.kernels.SCALARS (skip last), then zero_after (0 / 1)
 //   seeds              int64 [C, 2]: stochastic-rounding seeds of (m, v) per carrier (bf16)
 //   books              int8: code_m [256], mids_m [255], code_v [256], mids_v [255] (fp32); else empty
 void lowprec_step(const std::string& state_dtype, const std::vector<at::Tensor>& params,
@@ -449,12 +451,14 @@ void lowprec_step(const std::string& state_dtype, const std::vector<at::Tensor>&
     const double* row = sc + kScalarCols * i;
     pieces[j] = {pr[3 * i + 1], pr[3 * i + 2], grads[i].data_ptr<float>(), scalars_from_row(row), row[kScalarCount] != 0.0};
   }
+  std::vector<bool> live(nc, false);  // the carrier has a piece to step
   for (int64_t c = 0, j = 0; c < nc; ++c) {
     carriers[c].piece0 = j;
     int64_t end = 0;
     for (; j < np && pr[3 * order[j]] == c; ++j) {
       TORCH_CHECK(pieces[j].start >= end, "pieces: pieces of carrier ", c, " overlap");
       end = pieces[j].start + pieces[j].len;
+      live[c] = live[c] || !pieces[j].s.skip;
     }
     carriers[c].piece1 = j;
   }
@@ -463,8 +467,10 @@ void lowprec_step(const std::string& state_dtype, const std::vector<at::Tensor>&
     int64_t carrier, begin, end;
   };
   std::vector<Item> items;
-  for (int64_t c = 0; c < nc; ++c)
+  for (int64_t c = 0; c < nc; ++c) {
+    if (!live[c]) continue;  // no work items: its moments keep their codes and scales
     for (int64_t b = 0; b < carriers[c].n; b += kChunk) items.push_back({c, b, std::min(carriers[c].n, b + kChunk)});
+  }
 
   pybind11::gil_scoped_release nogil;
   const int64_t ni = static_cast<int64_t>(items.size());

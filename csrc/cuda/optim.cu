@@ -1,11 +1,14 @@
 // Stable-SPAM step kernels for CUDA: per-tensor statistics and the fused elementwise update over lists
 // of tensors (one launch per list: a table of (tensor, chunk) work items on the device; for the update
 // it depends only on the tensor sizes, so the caller builds it once per layout, optim_step_layout, and
-// each step uploads only the per-tensor pointers and scalars, without waiting for the GPU). Bit-exact with
-// the spec in lowbit/optim/kernels.py: fp32 and fp64 operations through the _rn intrinsics (never
-// contracted into FMAs), correctly rounded sqrt and division, and sum g^2 over the spec's tree: 16
-// lanes; per lane an adjacent pairwise tree over rows, computed as aligned subtrees (a thread's 256
-// rows, a block's 4096 rows, then the chunks of a tensor) that compose to exactly that tree.
+// each step uploads only the per-tensor pointers, without waiting for the GPU). Every per-tensor scalar
+// (AdaClip's (clip, mh, r) table, the step's [n, 14] SCALARS rows, skip included) is a device tensor the
+// kernels read where it is, so that nothing of a step goes through the host. Bit-exact with the spec in
+// lowbit/backends/ref/optim.py: scalars rounded fp64 -> fp32 to nearest, fp32 and fp64 operations
+// through the _rn intrinsics (never contracted into FMAs), correctly rounded sqrt and division, and
+// sum g^2 over the spec's tree: 16 lanes; per lane an adjacent pairwise tree over rows, computed as
+// aligned subtrees (a thread's 256 rows, a block's 4096 rows, then the chunks of a tensor) that compose
+// to exactly that tree.
 #include <torch/extension.h>
 
 #include <ATen/cuda/CUDAContext.h>
@@ -32,6 +35,7 @@ constexpr int kRowsPerThread = 256;                            // a complete sub
 constexpr int64_t kChunkRows = kRowsPerThread * (kStatThreads / kLanes);  // 4096, as the CPU kernel
 constexpr int kStepThreads = 256;
 constexpr int64_t kStepChunk = 1 << 16;
+constexpr int kScalarCount = 14;  // lowbit.backends.ref.optim.SCALARS
 
 // A binary counter of complete subtrees (entry i covers 2^level[i] pushes); fold() equals the tree
 // over the pushes padded with zeros to a power of two.
@@ -64,14 +68,30 @@ struct StatItem {
   int64_t numel;
   int64_t row0;  // first row of this chunk
   int64_t tensor;
-  float mh, r;   // AdaClip threshold and ratio (clip statistics only)
 };
 
 // One block per chunk of 4096 rows: sums[item][lane] (the chunk's subtree per lane), amax / count.
+// With kClip, table[tensor] = (clip, mh, r) on the device: a tensor whose clip is 0 is not read, its
+// chunks give zeros (the clip value is the same for the whole block, so the block exits as one).
 template <bool kClip>
-__global__ void chunk_stats_kernel(const StatItem* items, double* sums, float* amax, long long* count) {
+__global__ void chunk_stats_kernel(const StatItem* items, const double* table, double* sums, float* amax,
+                                   long long* count) {
   const StatItem it = items[blockIdx.x];
   const int lane = threadIdx.x % kLanes, group = threadIdx.x / kLanes;
+  float mh = 0.f, r = 0.f;
+  if (kClip) {
+    const double* row = table + 3 * it.tensor;
+    if (row[0] == 0.0) {
+      if (threadIdx.x < kLanes) sums[blockIdx.x * kLanes + lane] = 0.0;
+      if (threadIdx.x == 0) {
+        amax[blockIdx.x] = 0.f;
+        count[blockIdx.x] = 0;
+      }
+      return;
+    }
+    mh = __double2float_rn(row[1]);  // = the host's static_cast<float>
+    r = __double2float_rn(row[2]);
+  }
   Tree tree;
   float m = 0.f;
   long long c = 0;
@@ -80,9 +100,9 @@ __global__ void chunk_stats_kernel(const StatItem* items, double* sums, float* a
     const int64_t e = (first + i) * kLanes + lane;
     float x = e < it.numel ? it.g[e] : 0.f;
     if (kClip) {
-      const bool hit = fabsf(x) > it.mh;
+      const bool hit = fabsf(x) > mh;
       c += hit;
-      x = hit ? __fmul_rn(x, it.r) : x;
+      x = hit ? __fmul_rn(x, r) : x;
     } else {
       m = fmaxf(m, fabsf(x));
     }
@@ -179,13 +199,25 @@ at::Tensor to_device(const std::vector<T>& v, const at::Device& dev) {
   return host.to(at::TensorOptions().device(dev), /*non_blocking=*/true);
 }
 
+// A per-tensor fp64 table of `cols` columns, one row per tensor, on `dev` (read there by the kernels,
+// never copied to the host); contiguous.
+at::Tensor table_arg(const at::Tensor& t, int64_t rows, int64_t cols, const at::Device& dev, const char* what) {
+  TORCH_CHECK(t.device() == dev, what, ": expected a [", rows, ", ", cols, "] fp64 tensor on ", dev,
+              " (the kernel reads it there, so the host never waits for the GPU), got one on ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kDouble && t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, what,
+              ": expected a [", rows, ", ", cols, "] fp64 tensor, got ", t.scalar_type(), " of shape ", t.sizes());
+  return t.contiguous();
+}
+
+// `table` (clip statistics only): [n, 3] fp64 (clip, mh, r) on the gradients' device.
 template <bool kClip>
-at::Tensor stats_impl(const std::vector<at::Tensor>& grads, const std::vector<double>& mh,
-                      const std::vector<double>& r) {
+at::Tensor stats_impl(const std::vector<at::Tensor>& grads, const at::Tensor* table) {
   const int64_t nt = static_cast<int64_t>(grads.size());
   TORCH_CHECK(nt > 0, "grads: expected at least one tensor");
   const at::Device dev = grads[0].device();
+  TORCH_CHECK(dev.is_cuda(), "grads: expected CUDA tensors, got one on ", dev);
   const c10::cuda::CUDAGuard guard(dev);
+  const at::Tensor tab = kClip ? table_arg(*table, nt, 3, dev, "table") : at::Tensor();
   std::vector<StatItem> items;
   std::vector<int64_t> first(nt + 1, 0);
   for (int64_t t = 0; t < nt; ++t) {
@@ -193,8 +225,7 @@ at::Tensor stats_impl(const std::vector<at::Tensor>& grads, const std::vector<do
     const int64_t rows = (grads[t].numel() + kLanes - 1) / kLanes;
     first[t] = static_cast<int64_t>(items.size());
     for (int64_t r0 = 0; r0 < rows; r0 += kChunkRows)
-      items.push_back({grads[t].data_ptr<float>(), grads[t].numel(), r0, t,
-                       kClip ? static_cast<float>(mh[t]) : 0.f, kClip ? static_cast<float>(r[t]) : 0.f});
+      items.push_back({grads[t].data_ptr<float>(), grads[t].numel(), r0, t});
   }
   first[nt] = static_cast<int64_t>(items.size());
   const int64_t ni = static_cast<int64_t>(items.size());
@@ -208,8 +239,8 @@ at::Tensor stats_impl(const std::vector<at::Tensor>& grads, const std::vector<do
   cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
   if (ni > 0)
     chunk_stats_kernel<kClip><<<static_cast<unsigned>(ni), kStatThreads, 0, stream>>>(
-        reinterpret_cast<const StatItem*>(d_items.data_ptr()), sums.data_ptr<double>(), amax.data_ptr<float>(),
-        reinterpret_cast<long long*>(count.data_ptr<int64_t>()));
+        reinterpret_cast<const StatItem*>(d_items.data_ptr()), kClip ? tab.data_ptr<double>() : nullptr,
+        sums.data_ptr<double>(), amax.data_ptr<float>(), reinterpret_cast<long long*>(count.data_ptr<int64_t>()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   tensor_stats_kernel<kClip><<<static_cast<unsigned>((nt + 127) / 128), 128, 0, stream>>>(
       reinterpret_cast<const int64_t*>(d_first.data_ptr()), nt, sums.data_ptr<double>(), amax.data_ptr<float>(),
@@ -218,11 +249,10 @@ at::Tensor stats_impl(const std::vector<at::Tensor>& grads, const std::vector<do
   return out;
 }
 
-at::Tensor grad_stats(const std::vector<at::Tensor>& grads) { return stats_impl<false>(grads, {}, {}); }
+at::Tensor grad_stats(const std::vector<at::Tensor>& grads) { return stats_impl<false>(grads, nullptr); }
 
-at::Tensor clip_stats(const std::vector<at::Tensor>& grads, const std::vector<double>& mh, const std::vector<double>& r) {
-  TORCH_CHECK(mh.size() == grads.size() && r.size() == grads.size(), "mh, r: expected one value per gradient");
-  return stats_impl<true>(grads, mh, r);
+at::Tensor clip_stats(const std::vector<at::Tensor>& grads, const at::Tensor& table) {
+  return stats_impl<true>(grads, &table);
 }
 
 // Block b of the step kernel updates elements [chunk * kStepChunk, +kStepChunk) of tensor `tensor`.
@@ -230,35 +260,48 @@ struct StepChunk {
   int32_t tensor, chunk;
 };
 
-// One tensor's pointers and scalars for one step.
+// One tensor's pointers for one step (its scalars: row `tensor` of the device table).
 struct StepArgs {
   float* p;
   const float* g;
   float* m;
   float* v;
   int64_t numel;
-  int clip, zero;
+};
+
+// One row of SCALARS, read from device memory and rounded to fp32 to nearest (= the host's static_cast).
+struct StepScalars {
+  bool clip, zero, skip;
   float mh, r, f, b1, omb1, b2, omb2, inv_sbc2, eps, decay, step;
 };
 
-__global__ void adam_step_kernel(const StepChunk* chunks, const StepArgs* args) {
+__device__ inline StepScalars load_scalars(const double* row) {
+  return {row[0] != 0.0, row[12] != 0.0, row[13] != 0.0, __double2float_rn(row[1]), __double2float_rn(row[2]),
+          __double2float_rn(row[3]), __double2float_rn(row[4]), __double2float_rn(row[5]),
+          __double2float_rn(row[6]), __double2float_rn(row[7]), __double2float_rn(row[8]),
+          __double2float_rn(row[9]), __double2float_rn(row[10]), __double2float_rn(row[11])};
+}
+
+__global__ void adam_step_kernel(const StepChunk* chunks, const StepArgs* args, const double* scalars) {
   const StepChunk c = chunks[blockIdx.x];
-  const StepArgs s = args[c.tensor];
+  const StepScalars s = load_scalars(scalars + static_cast<int64_t>(c.tensor) * kScalarCount);
+  if (s.skip) return;  // left untouched, its gradient not read (the whole block: one tensor)
+  const StepArgs a = args[c.tensor];
   const int64_t begin = static_cast<int64_t>(c.chunk) * kStepChunk;
   // a table built for other sizes never writes out of bounds
-  const int64_t end = begin + kStepChunk < s.numel ? begin + kStepChunk : s.numel;
+  const int64_t end = begin + kStepChunk < a.numel ? begin + kStepChunk : a.numel;
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    float x = s.g[i];
+    float x = a.g[i];
     if (s.clip) x = fabsf(x) > s.mh ? __fmul_rn(x, s.r) : x;
     x = __fmul_rn(x, s.f);
-    const float m0 = s.zero ? 0.f : s.m[i];
-    const float v0 = s.zero ? 0.f : s.v[i];
+    const float m0 = s.zero ? 0.f : a.m[i];
+    const float v0 = s.zero ? 0.f : a.v[i];
     const float mm = __fadd_rn(__fmul_rn(m0, s.b1), __fmul_rn(x, s.omb1));
     const float vv = __fadd_rn(__fmul_rn(v0, s.b2), __fmul_rn(__fmul_rn(x, x), s.omb2));
     const float u = __fdiv_rn(mm, __fadd_rn(__fmul_rn(__fsqrt_rn(vv), s.inv_sbc2), s.eps));
-    s.p[i] = __fsub_rn(__fmul_rn(s.p[i], s.decay), __fmul_rn(u, s.step));
-    s.m[i] = mm;
-    s.v[i] = vv;
+    a.p[i] = __fsub_rn(__fmul_rn(a.p[i], s.decay), __fmul_rn(u, s.step));
+    a.m[i] = mm;
+    a.v[i] = vv;
   }
 }
 
@@ -286,16 +329,13 @@ void adam_step(const std::vector<at::Tensor>& params, const std::vector<at::Tens
   TORCH_CHECK(nt > 0, "params: expected at least one tensor");
   TORCH_CHECK(grads.size() == params.size() && ms.size() == params.size() && vs.size() == params.size(),
               "params, grads, ms, vs: expected lists of the same length");
-  TORCH_CHECK(!scalars.is_cuda(), "scalars: expected a CPU tensor (reading a CUDA one would wait for the GPU)");
-  const at::Tensor sc = scalars.contiguous();
-  TORCH_CHECK(sc.scalar_type() == at::kDouble && sc.dim() == 2 && sc.size(0) == nt && sc.size(1) == 13,
-              "scalars: expected an [n, 13] fp64 tensor");
-  const double* row = sc.data_ptr<double>();
   const at::Device dev = params[0].device();
+  TORCH_CHECK(dev.is_cuda(), "params: expected CUDA tensors, got one on ", dev);
   const c10::cuda::CUDAGuard guard(dev);
+  const at::Tensor sc = table_arg(scalars, nt, kScalarCount, dev, "scalars");
   std::vector<StepArgs> args;
   int64_t n_chunks = 0;
-  for (int64_t t = 0; t < nt; ++t, row += 13) {
+  for (int64_t t = 0; t < nt; ++t) {
     check_f32(params[t], params[0], "params");
     check_f32(grads[t], params[0], "grads");
     check_f32(ms[t], params[0], "ms");
@@ -305,11 +345,7 @@ void adam_step(const std::vector<at::Tensor>& params, const std::vector<at::Tens
                 "params, grads, ms, vs: tensor ", t, " differs in size");
     n_chunks += (n + kStepChunk - 1) / kStepChunk;
     args.push_back({params[t].data_ptr<float>(), grads[t].data_ptr<float>(), ms[t].data_ptr<float>(),
-                    vs[t].data_ptr<float>(), n, row[0] != 0.0, row[12] != 0.0, static_cast<float>(row[1]),
-                    static_cast<float>(row[2]), static_cast<float>(row[3]), static_cast<float>(row[4]),
-                    static_cast<float>(row[5]), static_cast<float>(row[6]), static_cast<float>(row[7]),
-                    static_cast<float>(row[8]), static_cast<float>(row[9]), static_cast<float>(row[10]),
-                    static_cast<float>(row[11])});
+                    vs[t].data_ptr<float>(), n});
   }
   if (n_chunks == 0) return;
   at::Tensor chunks;
@@ -325,18 +361,22 @@ void adam_step(const std::vector<at::Tensor>& params, const std::vector<at::Tens
   }
   at::Tensor d_args = to_device(args, dev);
   adam_step_kernel<<<static_cast<unsigned>(n_chunks), kStepThreads, 0, at::cuda::getCurrentCUDAStream().stream()>>>(
-      reinterpret_cast<const StepChunk*>(chunks.data_ptr()), reinterpret_cast<const StepArgs*>(d_args.data_ptr()));
+      reinterpret_cast<const StepChunk*>(chunks.data_ptr()), reinterpret_cast<const StepArgs*>(d_args.data_ptr()),
+      sc.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 const lowbit::Bindings<lowbit::CudaExt> kOptimBindings([](pybind11::module_& m) {
   m.def("optim_grad_stats", &grad_stats, "Per tensor (max |g| or inf if non-finite, sum g^2 in the spec's order)",
         pybind11::arg("grads"));
-  m.def("optim_clip_stats", &clip_stats, "Per tensor (sum of AdaClip-clipped g^2, clipped count)",
-        pybind11::arg("grads"), pybind11::arg("mh"), pybind11::arg("r"));
+  m.def("optim_clip_stats", &clip_stats,
+        "Per tensor (sum of AdaClip-clipped g^2, clipped count); table: [n, 3] fp64 (clip, mh, r) on the "
+        "gradients' device, (0, 0) where clip is 0",
+        pybind11::arg("grads"), pybind11::arg("table"));
   m.def("optim_adam_step", &adam_step,
-        "Fused Stable-SPAM elementwise step over lists of fp32 CUDA tensors (layout: optim_step_layout of "
-        "their sizes, reused across steps; None builds it)",
+        "Fused Stable-SPAM elementwise step over lists of fp32 CUDA tensors (scalars: [n, 14] fp64 SCALARS on "
+        "their device, a row whose skip is set leaves its tensor untouched; layout: optim_step_layout of their "
+        "sizes, reused across steps; None builds it)",
         pybind11::arg("params"), pybind11::arg("grads"), pybind11::arg("ms"), pybind11::arg("vs"),
         pybind11::arg("scalars"), pybind11::arg("layout") = pybind11::none());
   m.def("optim_step_layout", &step_layout, "The work table of optim_adam_step for tensors of these sizes",

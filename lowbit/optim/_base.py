@@ -99,6 +99,27 @@ class LowbitOptimizer(ExactStateLoad, Optimizer):
         check_params(self)
         self.stats = new_stats()
 
+    @property
+    def stats(self) -> dict:
+        """Counters of the steps taken (Python ints). Counts a step makes on a device (`_count`) are
+        added here when read, so reading them is the only time they wait for the device."""
+        pending = self.__dict__.get("_pending")
+        if pending:
+            for (key, _), n in pending.items():
+                self._stats[key] = self._stats.get(key, 0) + int(n.item())
+            pending.clear()
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: dict) -> None:
+        self._stats = value
+        self._pending = {}
+
+    def _count(self, key: str, n: torch.Tensor) -> None:
+        """Add `n` (an integer 0-d tensor, on any device) to ``stats[key]`` without reading it."""
+        slot, n = (key, n.device), n.to(torch.int64)
+        self._pending[slot] = self._pending[slot] + n if slot in self._pending else n
+
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         # remembered so that a tensor this optimizer was never given (a DeepSpeed ZeRO flat
@@ -145,7 +166,7 @@ class LowbitOptimizer(ExactStateLoad, Optimizer):
             # DeepSpeed empties the groups it is not stepping in this call: they keep their clock
             if group["params"]:
                 self._step_group(group, index)
-        self.stats["steps"] += 1
+        self._stats["steps"] += 1  # not `stats`: reading it waits for the device
         return loss
 
     def _step_group(self, group: dict, index: dict) -> None:

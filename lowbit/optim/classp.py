@@ -81,9 +81,6 @@ class CLASSP(FlatPartitions, LowbitOptimizer):
         """True when every group uses explicit values (no per-tensor statistic)."""
         return all(g["threshold"] is not None and g["eps"] is not None for g in self.param_groups)
 
-    def _init_scalars(self, st, group):
-        pass  # the relative defaults are recomputed from each step's gradient: nothing to keep
-
     def _init_flat_state(self, fst, flat):
         fst["sum"] = torch.zeros_like(flat, memory_format=torch.contiguous_format)
 

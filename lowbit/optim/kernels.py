@@ -22,28 +22,26 @@ def _native(op: str, tensors, fp32: bool = True):
     return backends.native_kernel(op, tensors, fp32)
 
 
-def grad_stats(grads: list[torch.Tensor]) -> tuple[list[float], list[float]]:
-    """Per tensor (max |g|, sum g^2); max |g| is +inf where the tensor holds NaN or Inf."""
+def grad_stats(grads: list[torch.Tensor]) -> torch.Tensor:
+    """[n, 2] fp64 on the gradients' device: (max |g|, sum g^2) per tensor; max |g| is +inf where the
+    tensor holds NaN or Inf."""
     fn = _native("optim_grad_stats", grads)
-    if fn is None:
-        return spec.grad_stats(grads)
-    out = fn(grads).tolist()
-    return [a for a, _ in out], [s for _, s in out]
+    return spec.grad_stats(grads) if fn is None else fn(grads)
 
 
-def clip_stats(grads: list[torch.Tensor], mh: list[float], r: list[float]) -> tuple[list[float], list[int]]:
-    """Per tensor (sum of the clipped values squared, number of clipped entries); mh, r fp32."""
+def clip_stats(grads: list[torch.Tensor], table: torch.Tensor) -> torch.Tensor:
+    """[n, 2] fp64 on the gradients' device: (sum of the clipped values squared, number of clipped
+    entries) per tensor; ``table[i] = (clip, mh, r)`` (fp64 on that device, mh and r fp32-exact);
+    (0, 0) where clip is 0."""
     fn = _native("optim_clip_stats", grads)
-    if fn is None:
-        return spec.clip_stats(grads, mh, r)
-    out = fn(grads, mh, r).tolist()
-    return [s for s, _ in out], [int(c) for _, c in out]
+    return spec.clip_stats(grads, table) if fn is None else fn(grads, table)
 
 
-def adam_step(params, grads, ms, vs, scalars: list[tuple], foreach: bool = True) -> None:
+def adam_step(params, grads, ms, vs, scalars: torch.Tensor, foreach: bool = True) -> None:
     """One elementwise step per tensor, in place on params, ms, vs; grads are read only.
 
-    `scalars[i]` holds the values named in `SCALARS` for tensor i, each already fp32-exact.
+    ``scalars`` is the [n, len(SCALARS)] fp64 table on the tensors' device, each value fp32-exact
+    where the tensor computes in fp32; a row whose ``skip`` is set leaves its tensor untouched.
     """
     if not params:
         return
@@ -51,7 +49,7 @@ def adam_step(params, grads, ms, vs, scalars: list[tuple], foreach: bool = True)
     if fn is None:
         spec.adam_step(params, grads, ms, vs, scalars, foreach)
     else:
-        fn(params, grads, ms, vs, torch.tensor(scalars, dtype=torch.float64))
+        fn(params, grads, ms, vs, scalars)
 
 
 MAX_LAYOUTS = 64
@@ -81,7 +79,8 @@ def lowprec_step(state_dtype: str, params, ms, m_scales, vs, v_scales, grads, pi
     as `lowbit.optim.state` stores them; ``seeds[c]`` the stochastic-rounding seeds of (m, v).
     Per piece i (``pieces[i] = (carrier, start, length)``, non-overlapping): ``grads[i]`` (fp32,
     `length` elements) and ``scalars[i]`` (the values of `SCALARS`, then 1.0 where the moments
-    are zeroed after the update). ``books``: for int8 the code books and midpoints of both
+    are zeroed after the update); a piece whose ``skip`` is set is not stepped, and a carrier
+    all of whose pieces skip keeps its parameter and stored moments. ``books``: for int8 the code books and midpoints of both
     moments (``state.int8_books()``), else empty.
     """
     if not params:
@@ -95,6 +94,6 @@ def lowprec_step(state_dtype: str, params, ms, m_scales, vs, v_scales, grads, pi
         return False
     fn(state_dtype, list(params), list(ms), list(m_scales), list(vs), list(v_scales), list(grads),
        piece_table(pieces),
-       torch.tensor(scalars, dtype=torch.float64).reshape(-1, len(SCALARS) + 1),
+       torch.as_tensor(scalars, dtype=torch.float64).reshape(-1, len(SCALARS) + 1).contiguous(),
        torch.tensor(seeds, dtype=torch.int64).reshape(-1, 2), list(books))
     return True

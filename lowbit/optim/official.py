@@ -1,8 +1,8 @@
 """Stable-SPAM as the authors' code computes it (``StableSPAM(compat="official")``).
 
 The StableSPAM repository's ``galore_torch/stablespam.py`` differs from the paper's method in
-the quirks below; the functions here reproduce them, and the default (clean) mode of
-`lowbit.optim.StableSPAM` avoids them:
+the quirks below; the functions here and `lowbit.optim.spam_scalars` (its ``official`` mode)
+reproduce them, and the default (clean) mode of `lowbit.optim.StableSPAM` avoids them:
 
 1. One per-tensor counter k serves AdaClip, AdaGN and Adam, and the reset sets it to 1
    without resetting ``M``, ``mu``, ``nu``. After a reset the statistics are therefore
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 
-from . import kernels
+import torch
 
 
 def cosine_scale(T: int, total: int, eta_min: float) -> float:
@@ -36,22 +36,9 @@ def cosine_scale(T: int, total: int, eta_min: float) -> float:
     return eta_min + (1.0 - eta_min) * (1.0 + math.cos(math.pi * T / (total + 1))) / 2.0
 
 
-def norm_mean_hat(st: dict, g1: float) -> float:
-    """The bias-corrected AdaGN mean, corrected by the current factor to the power k (quirks 1, 3)."""
-    return st["norm_mean"] / (1.0 - g1 ** st["step"])
-
-
-def adam_scalars(st: dict, beta1: float, beta2: float, interval, T: int):
-    """-> (beta1, zero moments before the update?, zero them after?, bc1, bc2): the reset restarts
-    the shared counter k and zeroes the moments only after this step's update (quirks 1, 2, 3, 6)."""
-    reset = interval is not None and T % interval == 0
-    if reset:
-        st["step"] = 1
-    k = st["step"]
-    return beta1, False, reset, 1.0 - beta1 ** k, 1.0 - beta2 ** k
-
-
-def write_back_clipped(pc) -> None:
-    """Clip the piece's gradient and write it into ``p.grad`` (quirk 5)."""
-    pc.grad = kernels.clipped(pc.grad, pc.mh, pc.r)
+def write_back_clipped(pc, clip, mh, r) -> None:
+    """Where `clip` (a 0-d bool tensor), clip the piece's gradient with the fp32 threshold `mh` and
+    ratio `r` (0-d tensors) and write it into ``p.grad`` (quirk 5); selected on the device."""
+    mh, r = mh.to(pc.grad.dtype), r.to(pc.grad.dtype)
+    pc.grad = torch.where(clip & (pc.grad.abs() > mh), pc.grad * r, pc.grad)
     pc.grad_out().copy_(pc.grad)

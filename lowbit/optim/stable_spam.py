@@ -13,10 +13,16 @@ import math
 import torch
 
 from . import kernels, official
+from . import spam_scalars as SC
 from . import state as S
 from ._base import LowbitOptimizer, check_adam, check_fraction, check_grad, check_interval, check_unit
-from .zero import reduce_pieces
+from ._device import upload
+from .zero import reduce_table
 from .zero_pieces import FlatPartitions, by_carrier
+
+# the per-tensor statistics as earlier versions saved them (Python floats), converted on load
+_FLOAT_STATE = ("step", "clip_max", "norm_mean", "norm_sq_mean", "reset_epoch", "moment_step", "gamma1_prod",
+                "beta1_prod")
 
 
 class StableSPAM(FlatPartitions, LowbitOptimizer):
@@ -51,14 +57,16 @@ class StableSPAM(FlatPartitions, LowbitOptimizer):
     ``compat="official"`` reproduces the authors' code (StableSPAM repository,
     ``galore_torch/stablespam.py``) including its quirks, listed in `lowbit.optim.official`.
 
-    Both modes keep the scalar statistics in Python floats (float64); the official code keeps
-    them as fp32 tensors, which differs in the last bits of fp32. Both modes skip tensors with
-    non-finite gradients (the official code would write NaN into the moments).
+    Both modes keep each tensor's scalar statistics as a row of fp64 values on its device
+    (`lowbit.optim.spam_scalars`; the official code keeps fp32 tensors, which differs in the last
+    bits of fp32), and skip tensors with non-finite gradients (the official code would write NaN
+    into the moments). A step reads nothing back to the host: the statistics, the clipping
+    decisions and the skip of a non-finite gradient are device tensors that the step kernels read
+    where they are, so on a GPU a step never waits for the device. ``optimizer.stats`` adds up the
+    device's counts when it is read.
 
-    ``foreach=True`` (default) batches the elementwise work with ``torch._foreach_*`` ops and
-    is bit-exact with ``foreach=False`` in fp32 state. The scalar statistics are read back to
-    the host: the foreach path synchronises two or three times per step (per-tensor max, the
-    clipped-entry count when something was clipped, norm), the per-tensor path per tensor.
+    ``foreach=True`` (default) batches the elementwise work of the spec (the path for tensors no
+    native kernel takes) with ``torch._foreach_*`` ops; it is bit-exact with ``foreach=False``.
 
     ``state_dtype`` selects the moment storage ("fp32", "bf16", "fp8", "int8"; see
     `lowbit.optim.state`); ``seed`` seeds the bf16 stochastic rounding (one stream per step,
@@ -107,61 +115,21 @@ class StableSPAM(FlatPartitions, LowbitOptimizer):
         return eta + (1.0 - eta) * (1.0 + math.cos(math.pi * min(T, total) / total)) / 2.0
 
     # ---- per-tensor scalar statistics ---------------------------------------------------------
-    def _init_scalars(self, st, group):
-        st["step"] = 0
-        st["clip_max"] = 0.0
-        st["norm_mean"] = 0.0
-        st["norm_sq_mean"] = 0.0
-        if self.compat != "official":
-            interval = group["reset_interval"]
-            st["reset_epoch"] = group["global_step"] // interval if interval is not None else 0
-            st["moment_step"] = 0
-            st["gamma1_prod"] = 1.0
-            st["beta1_prod"] = 1.0
-
-    def _clip_scalars(self, st, group, amax: float):
-        """Advance k and M; -> (clip?, threshold M^, ratio M^ / max|g|)."""
-        theta = group["theta"]
-        st["step"] += 1
-        k = st["step"]
-        st["clip_max"] = theta * st["clip_max"] + (1.0 - theta) * amax
-        mhat = st["clip_max"] / (1.0 - theta ** k)
-        clip = amax > mhat
-        return clip, mhat, (mhat / amax if clip else 1.0)
-
-    def _norm_factor(self, st, group, s: float, norm: float) -> float:
-        """Advance mu, nu; -> the AdaGN multiplier mu^ / (sqrt(nu^) + eps) / ||g||."""
-        g1 = group["gamma1"] * s
-        g2 = group["gamma2"]
-        k = st["step"]
-        st["norm_mean"] = g1 * st["norm_mean"] + (1.0 - g1) * norm
-        st["norm_sq_mean"] = g2 * st["norm_sq_mean"] + (1.0 - g2) * norm * norm
-        if self.compat == "official":
-            mu_hat = official.norm_mean_hat(st, g1)
-        else:
-            st["gamma1_prod"] *= g1
-            mu_hat = st["norm_mean"] / (1.0 - st["gamma1_prod"])
-        nu_hat = st["norm_sq_mean"] / (1.0 - g2 ** k)
-        c = mu_hat / (math.sqrt(nu_hat) + group["eps"])
-        return c / norm if norm > 0 else 1.0
-
-    def _adam_scalars(self, st, group, s: float, T: int):
-        """-> (beta1 used, zero moments before the update?, zero them after?, bc1, bc2)."""
-        beta1 = group["betas"][0] * s
-        beta2 = group["betas"][1]
-        interval = group["reset_interval"]
-        if self.compat == "official":
-            return official.adam_scalars(st, beta1, beta2, interval, T)
-        # a tensor without a gradient on the reset step is reset on its next step
-        epoch = T // interval if interval is not None else 0
-        reset = epoch != st["reset_epoch"]
-        st["reset_epoch"] = epoch
-        if reset:
-            st["moment_step"] = 0
-            st["beta1_prod"] = 1.0
-        st["moment_step"] += 1
-        st["beta1_prod"] *= beta1
-        return beta1, reset, False, 1.0 - st["beta1_prod"], 1.0 - beta2 ** st["moment_step"]
+    def _state_row(self, st: dict, group: dict, epoch: int, device) -> torch.Tensor:
+        """The fp64 row of the scalar statistics (`spam_scalars.COLS`) kept in `st` ("scalars"),
+        started the first time the tensor is stepped, or converted from a state saved as Python
+        floats by an earlier version."""
+        row = st.get("scalars")
+        if row is None:
+            if "step" in st:
+                vals = SC.from_floats(st, group["theta"], group["gamma2"], group["betas"][1])
+                for key in _FLOAT_STATE:
+                    st.pop(key, None)
+                row = upload(vals, torch.float64, device)
+            else:
+                row = SC.initial(epoch, device)
+            st["scalars"] = row
+        return row
 
     # ---- step -------------------------------------------------------------------------------
     def _step_group(self, group, index):
@@ -170,69 +138,76 @@ class StableSPAM(FlatPartitions, LowbitOptimizer):
             check_grad(p)
             self._check_known(p)
         T, plain, flats = self._advance(group, params)
-        s = self._scale(group, T)
         interval = group["reset_interval"]
         if interval is not None and T % interval == 0:
-            self.stats["resets"] += 1
-        pieces = self._pieces(group, plain, flats, T)
-        if pieces:
-            self._step_pieces(group, pieces, index, T, s)
+            self._stats["resets"] += 1
+        buckets: dict[tuple, list] = {}  # the scalars of a step live on one device, in one rounding
+        for pc in self._pieces(group, plain, flats, T):
+            buckets.setdefault((pc.carrier.device, pc.compute_dtype), []).append(pc)
+        for pieces in buckets.values():
+            self._step_pieces(group, pieces, index, T, self._scale(group, T))
 
     def _step_pieces(self, group, pieces, index, T, s):
-        self._local_stats(pieces)
-        reduce_pieces(pieces, ("amax", "sumsq"), ("max", "sum"))
+        """One step of `pieces` (one device, one compute dtype): statistics, scalars and the
+        elementwise step, all on the device."""
+        device = pieces[0].carrier.device
+        fp32 = pieces[0].compute_dtype == torch.float32
+        interval = group["reset_interval"]
+        epoch = T // interval if interval is not None else 0
+        authors = self.compat == "official"
 
-        live, clip_at = [], []
-        for pc in pieces:
-            if not self._finite_or_skip(pc.amax):
-                continue
-            if "step" not in pc.st:  # a tensor's scalars start at its first finite gradient
-                self._init_scalars(pc.st, group)
-            pc.clip, mhat, ratio = self._clip_scalars(pc.st, group, pc.amax)
-            rnd = kernels.f32 if pc.compute_dtype == torch.float32 else float
-            pc.mh, pc.r = rnd(mhat), rnd(ratio)
-            pc.count = 0
-            live.append(pc)
-            if pc.clip:
-                clip_at.append(pc)
-        if not live:
-            return
+        stats = self._stat_table(pieces, device)
+        reduce_table(pieces, stats, ("max", "sum"))
+        state = torch.stack([self._state_row(pc.st, group, epoch, device) for pc in pieces])
+        sc = SC.Step(state, stats[:, 0], authors, fp32)
+        table = sc.clip(group["theta"])
 
-        # AdaClip changes the norm only of the tensors it clips: a second reduction for those
-        todo = [pc for pc in clip_at if pc.length]
-        for pc in clip_at:
-            pc.sumsq, pc.count = 0.0, 0
-        sums, counts = kernels.clip_stats([pc.grad for pc in todo], [pc.mh for pc in todo], [pc.r for pc in todo])
-        for pc, q, c in zip(todo, sums, counts):
-            pc.sumsq, pc.count = q, c
-        reduce_pieces(clip_at, ("sumsq", "count"), ("sum", "sum"))
-        for pc in clip_at:
-            self.stats["clipped"] += int(pc.count)
+        # AdaClip changes the norm of the tensors it clips: their sum of squares again, on the device
+        local = [i for i, pc in enumerate(pieces) if pc.length]
+        clipped = torch.zeros_like(stats)
+        if local:
+            idx = upload(local, torch.int64, device)
+            clipped.index_copy_(0, idx, kernels.clip_stats([pieces[i].grad for i in local], table.index_select(0, idx)))
+        reduce_table(pieces, clipped, ("sum", "sum"))
+        self._count("clipped", clipped[:, 1].sum())
+        self._count("nonfinite_skipped", (~sc.live).sum())
 
-        beta2 = group["betas"][1]
-        decay = 1.0 - group["lr"] * group["weight_decay"]
-        for pc in live:
-            f = self._norm_factor(pc.st, group, s, math.sqrt(pc.sumsq))
-            beta1, pc.zero_before, pc.zero_after, bc1, bc2 = self._adam_scalars(pc.st, group, s, T)
-            rnd = kernels.f32 if pc.compute_dtype == torch.float32 else float
-            clip = pc.clip
-            if clip and self.compat == "official" and pc.length:
-                official.write_back_clipped(pc)
-                clip = False
-            pc.scalars = (1.0 if clip else 0.0, pc.mh, pc.r, rnd(f), rnd(beta1), rnd(1.0 - beta1), rnd(beta2),
-                          rnd(1.0 - beta2), rnd(1.0 / math.sqrt(bc2)), rnd(group["eps"]), rnd(decay),
-                          rnd(group["lr"] / bc1), 1.0 if pc.zero_before else 0.0)
+        f = sc.norm_factor(torch.where(sc.clipping, clipped[:, 0], stats[:, 1]), group["gamma1"] * s,
+                           group["gamma2"], group["eps"])
+        beta1, beta2 = group["betas"][0] * s, group["betas"][1]
+        bc1, bc2, zero_before, zero_after = sc.adam(beta1, beta2, epoch,
+                                                    reset=interval is not None and T % interval == 0)
+        rnd = kernels.f32 if fp32 else float
+        consts = dict(b1=rnd(beta1), omb1=rnd(1.0 - beta1), b2=rnd(beta2), omb2=rnd(1.0 - beta2),
+                      eps=rnd(group["eps"]), decay=rnd(1.0 - group["lr"] * group["weight_decay"]), lr=group["lr"])
+        if authors:  # the clipped gradient goes into p.grad, and the step reads it from there
+            for i in local:
+                official.write_back_clipped(pieces[i], sc.clipping[i], table[i, 1], table[i, 2])
+        rows = sc.rows(f, bc1, bc2, zero_before, consts, clip_in_step=not authors)
+        torch._foreach_copy_([pc.st["scalars"] for pc in pieces], list(sc.new_state().unbind(0)))
+        if local:
+            steps = [pieces[i] for i in local]
+            for pos, pc in enumerate(steps):
+                pc.pos = pos
+            idx = upload(local, torch.int64, device)
+            self._elementwise(steps, rows.index_select(0, idx), zero_after.index_select(0, idx),
+                              sc.live.index_select(0, idx), index, T)
 
-        # moments: loaded once per carrier (a parameter, or a whole flat partition)
-        steps = [pc for pc in live if pc.length]
+    def _elementwise(self, steps, rows, zero_after, live, index, T):
+        """The step of each piece this rank holds (``steps[i].pos == i``, the pieces of a carrier
+        adjacent): ``rows`` its scalars, ``zero_after`` where its moments are zeroed after the
+        update, ``live`` where its gradient is finite (device tensors)."""
         carriers = by_carrier(steps)
         for c, _ in carriers.values():
             st = self.state[c]
             if "exp_avg" not in st:
                 S.init_moment(st, "exp_avg", c, self.state_dtype)
                 S.init_moment(st, "exp_avg_sq", c, self.state_dtype)
-        if self.state_dtype != "fp32" and self._fused_step(carriers, index, T):
+        if self.state_dtype != "fp32" and self._fused_step(carriers, rows, zero_after, index, T):
             steps = [pc for pc in steps if id(pc.carrier) in carriers]
+            if not steps:
+                return
+            rows = rows.index_select(0, upload([pc.pos for pc in steps], torch.int64, rows.device))
         moments = {key: (c, *S.load_moments(self.state[c], c.shape, self.state_dtype))
                    for key, (c, _) in carriers.items()}
         targets = {}
@@ -242,23 +217,29 @@ class StableSPAM(FlatPartitions, LowbitOptimizer):
                 targets[id(c)] = c.float() if self._sr_param(c) else c
         kernels.adam_step([pc.view(targets[id(pc.carrier)]) for pc in steps], [pc.grad for pc in steps],
                           [pc.view(moments[id(pc.carrier)][1]) for pc in steps],
-                          [pc.view(moments[id(pc.carrier)][2]) for pc in steps],
-                          [pc.scalars for pc in steps], foreach=self.foreach)
-        for pc in steps:
-            if pc.zero_after:
-                pc.view(moments[id(pc.carrier)][1]).zero_()
-                pc.view(moments[id(pc.carrier)][2]).zero_()
+                          [pc.view(moments[id(pc.carrier)][2]) for pc in steps], rows, foreach=self.foreach)
+        if self.compat == "official":
+            for pc in steps:
+                for t in moments[id(pc.carrier)][1:]:
+                    pc.view(t).masked_fill_(zero_after[pc.pos], 0.0)
         for key, (c, m, v) in moments.items():
             i = index[c]
             if targets[key] is not c:
                 S.round_param_(c, targets[key], S.sr_seed(self.seed, T, i, 2))
             st = self.state[c]
+            pcs = carriers[key][1]
+            # a carrier none of whose pieces stepped keeps its stored moments (no decode / encode round trip)
+            kept = {} if self.state_dtype == "fp32" else {k: st[k] for k in S.stored_keys(st)}
             S.store_moment(st, "exp_avg", m, self.state_dtype, S.sr_seed(self.seed, T, i, 0))
             S.store_moment(st, "exp_avg_sq", v, self.state_dtype, S.sr_seed(self.seed, T, i, 1))
+            if kept:
+                stepped = live[pcs[0].pos:pcs[-1].pos + 1].any()
+                for k, old in kept.items():
+                    st[k] = S.select(stepped, st[k], old)
 
-    def _fused_step(self, carriers: dict, index: dict, T: int) -> bool:
+    def _fused_step(self, carriers: dict, rows, zero_after, index: dict, T: int) -> bool:
         """Step the carriers of bf16 / fp8 / int8 moments with the fused native kernel (decode, step and
-        encode block by block, no fp32 copy of the moments; bit for bit the path in `_step_pieces`) and
+        encode block by block, no fp32 copy of the moments; bit for bit the path in `_elementwise`) and
         remove them from `carriers`. False where no native kernel serves it. fp32 parameters (and ZeRO
         flat partitions) with fp32 gradients only: bf16 / fp16 master weights, fp64 parameters and
         moments not in `store_moment`'s layout take the unfused path."""
@@ -274,7 +255,7 @@ class StableSPAM(FlatPartitions, LowbitOptimizer):
                 stored.append(mv)
         if not picked:
             return False
-        params, grads, pieces, rows, seeds = [], [], [], [], []
+        params, grads, pieces, order, seeds = [], [], [], [], []
         for ci, key in enumerate(picked):
             c, pcs = carriers[key]
             params.append(c)
@@ -282,12 +263,14 @@ class StableSPAM(FlatPartitions, LowbitOptimizer):
             for pc in pcs:
                 pieces.append((ci, pc.start or 0, pc.length))
                 grads.append(pc.grad.contiguous())
-                rows.append(tuple(pc.scalars) + (1.0 if pc.zero_after else 0.0,))
+                order.append(pc.pos)
+        table = torch.cat([rows, zero_after.to(torch.float64)[:, None]], dim=1)
+        table = table.index_select(0, upload(order, torch.int64, table.device))
         scaled = self.state_dtype != "bf16"
         books = S.int8_books(params[0].device) if self.state_dtype == "int8" else []
         done = kernels.lowprec_step(self.state_dtype, params, [mv[0] for mv in stored],
                                     [mv[1] for mv in stored] if scaled else [], [mv[2] for mv in stored],
-                                    [mv[3] for mv in stored] if scaled else [], grads, pieces, rows, seeds, books)
+                                    [mv[3] for mv in stored] if scaled else [], grads, pieces, table, seeds, books)
         if done:
             for key in picked:
                 del carriers[key]

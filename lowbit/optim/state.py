@@ -209,6 +209,20 @@ def store_moment(state: dict, name: str, x: torch.Tensor, state_dtype: str, seed
         state[name], state[name + "_scale"] = int8_encode(x, _SIGNED[name])
 
 
+def stored_keys(state: dict) -> list[str]:
+    """The keys `store_moment` writes that `state` holds."""
+    return [k for k in ("exp_avg", "exp_avg_scale", "exp_avg_sq", "exp_avg_sq_scale") if k in state]
+
+
+def select(flag: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """`new` where the 0-d bool `flag` is set, else `old`, bit for bit in any dtype (float8 and bf16
+    select on their bits), without reading `flag` on the host."""
+    if new.dtype.is_floating_point and new.element_size() < 4:
+        bits = {1: torch.uint8, 2: torch.int16}[new.element_size()]
+        return torch.where(flag, new.view(bits), old.view(bits)).view(new.dtype)
+    return torch.where(flag, new, old)
+
+
 def stored_moments(state: dict, param: torch.Tensor, state_dtype: str):
     """(m, m_scale, v, v_scale) as stored for `param` (scales None for "bf16") when they have the
     layout `store_moment` gives them (dtype, size, contiguous, on param's device), else None:
@@ -257,21 +271,40 @@ class ExactStateLoad:
     """Mixin: ``load_state_dict`` keeps the stored dtypes of state tensors.
 
     ``torch.optim.Optimizer.load_state_dict`` casts every floating-point state tensor to the
-    parameter's dtype, which would turn bf16 / float8 moments into fp32 and round fp32 block
-    scales to a bf16 parameter's dtype. The saved tensors are put back as they were (moved to
-    the parameter's device).
+    parameter's dtype, which would turn bf16 / float8 moments into fp32, round fp32 block scales
+    to a bf16 parameter's dtype and fp64 statistics to fp32. The saved tensors, nested ones
+    included, are put back as they were (moved to the parameter's device).
     """
 
     def load_state_dict(self, state_dict):
         check_state_dict(self, state_dict)
-        saved = {pid: {k: v for k, v in st.items() if isinstance(v, torch.Tensor)}
-                 for pid, st in state_dict["state"].items()}
+        saved = {pid: {k: v for k, v in st.items() if _holds_tensor(v)} for pid, st in state_dict["state"].items()}
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
             for k, v in saved.get(pid, {}).items():
-                self.state[p][k] = v.to(device=p.device, copy=True)
+                self.state[p][k] = _moved(v, p.device)
+
+
+def _holds_tensor(v) -> bool:
+    """A tensor, or a list / dict with one inside (e.g. the per-tensor statistics of a ZeRO partition)."""
+    if isinstance(v, torch.Tensor):
+        return True
+    if isinstance(v, dict):
+        return any(_holds_tensor(x) for x in v.values())
+    return isinstance(v, (list, tuple)) and any(_holds_tensor(x) for x in v)
+
+
+def _moved(v, device):
+    """A copy of `v` with every tensor in it on `device`, dtypes kept."""
+    if isinstance(v, torch.Tensor):
+        return v.to(device=device, copy=True)
+    if isinstance(v, dict):
+        return {k: _moved(x, device) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_moved(x, device) for x in v)
+    return v
 
 
 def sr_seed(base_seed: int, step: int, index: int, stream: int) -> int:

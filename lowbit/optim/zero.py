@@ -60,6 +60,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ._device import upload
+
 
 @dataclass(frozen=True)
 class TensorSlice:
@@ -185,6 +187,8 @@ def gather_reduce(table: torch.Tensor, ops, group) -> torch.Tensor:
     device = table.device
     if dist.get_backend(group) == "nccl" and device.type != "cuda":
         table = table.to(torch.device("cuda", torch.cuda.current_device()))
+    elif dist.get_backend(group) != "nccl" and device.type == "cuda":
+        table = table.cpu()  # gloo gathers host tensors
     parts = [torch.empty_like(table) for _ in range(world)]
     dist.all_gather(parts, table.contiguous(), group=group)
     out = parts[0].clone()
@@ -194,19 +198,29 @@ def gather_reduce(table: torch.Tensor, ops, group) -> torch.Tensor:
     return out.to(device)
 
 
-def reduce_pieces(pieces, attrs: tuple[str, str], ops: tuple[str, str]) -> None:
-    """Replace the local values of `attrs` on the ZeRO pieces by their combination over each
-    piece's process group (pieces without a group are left as they are)."""
+def reduce_table(pieces, table: torch.Tensor, ops) -> None:
+    """In place: replace row i of `table` ([len(pieces), k] fp64), for each ZeRO piece i, by its
+    combination over the piece's process group (rows of pieces without a group are left as
+    they are). On the table's device: nothing is read back to the host."""
     for op in ops:
         if op not in _OPS:
             raise ValueError(f"ops: expected 'max' or 'sum', got {op!r}")
-    by_group: dict[int, list] = {}
-    for pc in pieces:
+    by_group: dict[int, tuple] = {}
+    for i, pc in enumerate(pieces):
         if pc.group is not None:
-            by_group.setdefault(id(pc.group), []).append(pc)
-    for members in by_group.values():
-        table = torch.tensor([[float(getattr(pc, a)) for a in attrs] for pc in members], dtype=torch.float64)
-        table = gather_reduce(table, ops, members[0].group).tolist()
-        for pc, row in zip(members, table):
-            for a, x in zip(attrs, row):
-                setattr(pc, a, x)
+            by_group.setdefault(id(pc.group), (pc.group, []))[1].append(i)
+    for group, rows in by_group.values():
+        idx = upload(rows, torch.int64, table.device)
+        table.index_copy_(0, idx, gather_reduce(table.index_select(0, idx), ops, group))
+
+
+def reduce_pieces(pieces, attrs: tuple[str, str], ops: tuple[str, str]) -> None:
+    """Replace the local values (Python numbers) of `attrs` on the ZeRO pieces by their combination
+    over each piece's process group (pieces without a group are left as they are)."""
+    members = [pc for pc in pieces if pc.group is not None]
+    table = torch.tensor([[float(getattr(pc, a)) for a in attrs] for pc in members],
+                         dtype=torch.float64).reshape(-1, len(attrs))
+    reduce_table(members, table, ops)
+    for pc, row in zip(members, table.tolist()):
+        for a, x in zip(attrs, row):
+            setattr(pc, a, x)

@@ -10,6 +10,7 @@ import torch
 
 from . import kernels
 from . import state as S
+from ._device import upload
 
 
 class Piece:
@@ -46,8 +47,8 @@ class FlatPartitions:
     the flat partitions of a layout set by `set_partition_layout`, and refuses any other tensor.
 
     The optimizer is a `lowbit.optim._base.LowbitOptimizer` (its ``_clock`` counts a flat
-    partition's steps) and provides ``_init_scalars(st, group)``, which starts the statistics of
-    one tensor, and ``state_dtype`` or its own ``_init_flat_state``.
+    partition's steps) and provides ``state_dtype`` or its own ``_init_flat_state``; it keeps the
+    statistics of each tensor in the piece's dict ``st``.
     """
 
     def set_partition_layout(self, layout) -> None:
@@ -86,28 +87,34 @@ class FlatPartitions:
         return pieces
 
     @staticmethod
-    def _local_stats(pieces: list[Piece]) -> list[Piece]:
-        """Give each piece this rank holds elements of its gradient view, max |g| and sum g^2 (`amax`,
-        `sumsq`, one kernel call for all); -> those pieces."""
-        local = [pc for pc in pieces if pc.length]
-        for pc in local:
-            pc.grad = pc.grad_view()
-        amax, sumsq = kernels.grad_stats([pc.grad for pc in local])
-        for pc, a, q in zip(local, amax, sumsq):
-            pc.amax, pc.sumsq = a, q
-        return local
+    def _stat_table(pieces: list[Piece], device) -> torch.Tensor:
+        """[len(pieces), 2] fp64 on `device`: max |g| and sum g^2 of this rank's slice of each piece's
+        gradient (zeros where it holds none), one kernel call for all; gives those pieces their
+        gradient view (`grad`)."""
+        local = [i for i, pc in enumerate(pieces) if pc.length]
+        for i in local:
+            pieces[i].grad = pieces[i].grad_view()
+        if local and len(local) == len(pieces):
+            return kernels.grad_stats([pc.grad for pc in pieces]).to(device)
+        table = torch.zeros((len(pieces), 2), dtype=torch.float64, device=device)
+        if local:
+            got = kernels.grad_stats([pieces[i].grad for i in local])
+            table.index_copy_(0, upload(local, torch.int64, device), got.to(device))
+        return table
+
+    def _local_stats(self, pieces: list[Piece]) -> None:
+        """`_stat_table` as the pieces' `amax` and `sumsq` (Python floats)."""
+        if pieces:
+            for pc, (a, q) in zip(pieces, self._stat_table(pieces, pieces[0].carrier.device).tolist()):
+                pc.amax, pc.sumsq = a, q
 
     def _flat_pieces(self, group, flat, T) -> list[Piece]:
         if flat.dtype != torch.float32:
             raise TypeError(f"params: ZeRO flat partitions are expected in fp32, got {flat.dtype}")
         fl = self._layout.flat(flat)
         fst = self.state[flat]
-        if "tensors" not in fst:
-            fst["tensors"] = []
-            for _ in fl.tensors:
-                sc = {}
-                self._init_scalars(sc, group)
-                fst["tensors"].append(sc)
+        if "tensors" not in fst:  # a dict per tensor for its statistics, filled by the optimizer
+            fst["tensors"] = [{} for _ in fl.tensors]
             self._init_flat_state(fst, flat)
         if len(fst["tensors"]) != len(fl.tensors):
             raise RuntimeError(f"{type(self).__name__}: the state holds statistics of {len(fst['tensors'])} tensors "

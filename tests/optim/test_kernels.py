@@ -1,5 +1,5 @@
-"""The Stable-SPAM step kernels: the spec in lowbit/optim/kernels.py against an independent reading of
-its definition, and every native backend against the spec, bit for bit (atol = 0) in fp32."""
+"""The Stable-SPAM step kernels: the spec in lowbit/backends/ref/optim.py against an independent reading
+of its definition, and every native backend against the spec, bit for bit (atol = 0) in fp32."""
 import math
 
 import pytest
@@ -37,7 +37,7 @@ def sumsq_by_definition(x: torch.Tensor) -> float:
 @pytest.mark.parametrize("n", [1, 5, 16, 17, 31, 48, 1000, 4133])
 def test_sumsq_spec_follows_its_definition(n):
     x = torch.randn(n, generator=torch.Generator().manual_seed(n)) * torch.logspace(-3, 3, n)
-    assert kernels.sumsq_spec(x) == sumsq_by_definition(x)
+    assert kernels.sumsq_spec(x).item() == sumsq_by_definition(x)
 
 
 def _tensors(sizes, seed=0):
@@ -53,6 +53,30 @@ def _tensors(sizes, seed=0):
 SIZES = [0, 1, 15, 16, 17, 4096 * 16 - 1, 4096 * 16 + 1, 3 * 4096 * 16 + 7, 2 ** 15 + 3, 200_000]
 
 
+def _table(rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _same_stats(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two [n, 2] fp64 statistics tables on one device: equal, NaN where the other has NaN."""
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device or a.dtype != torch.float64:
+        return False
+    nan = torch.isnan(a)
+    return torch.equal(nan, torch.isnan(b)) and torch.equal(a[~nan], b[~nan])
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def _clip_table(amax: torch.Tensor) -> torch.Tensor:
+    """AdaClip rows (clip, mh = 0.3 max |g|, r = 0.25); clip off for every third tensor and for the
+    non-finite ones (as the optimizer has it: those are skipped)."""
+    f32 = kernels.f32
+    return _table([(1.0 if math.isfinite(a) and i % 3 else 0.0, f32(0.3 * a), f32(0.25))
+                   for i, a in enumerate(amax.tolist())])
+
+
 @needs_native
 @pytest.mark.parametrize("backend", NATIVE)
 def test_statistics_bit_exact(backend):
@@ -65,22 +89,20 @@ def test_statistics_bit_exact(backend):
         ref = kernels.grad_stats(gs)
     with backends.use_backend(backend):
         got = kernels.grad_stats(gs)
-    assert ref[0] == got[0]  # max |g|, +inf for the two non-finite tensors
-    assert [math.isfinite(a) for a in got[0]].count(False) == 2
-    finite = [i for i, a in enumerate(ref[0]) if math.isfinite(a)]
-    assert [ref[1][i] for i in finite] == [got[1][i] for i in finite]
-    mh = [kernels.f32(0.3 * a) for a in ref[0]]
-    r = [kernels.f32(0.25)] * len(gs)
-    keep = [gs[i] for i in finite]
+    assert _same_stats(ref, got) and got.shape == (len(gs), 2)
+    assert torch.isinf(got[:, 0]).sum() == 2  # max |g| is +inf for the two non-finite tensors
+    table = _clip_table(ref[:, 0])
     with backends.use_backend("ref"):
-        ref_c = kernels.clip_stats(keep, [mh[i] for i in finite], [r[i] for i in finite])
+        ref_c = kernels.clip_stats(gs, table)
     with backends.use_backend(backend):
-        got_c = kernels.clip_stats(keep, [mh[i] for i in finite], [r[i] for i in finite])
-    assert ref_c == got_c and sum(got_c[1]) > 0
+        got_c = kernels.clip_stats(gs, table)
+    assert torch.equal(ref_c, got_c) and got_c[:, 1].sum() > 0
+    off = table[:, 0] == 0  # (0, 0), the NaN / Inf gradients among them: not read
+    assert off.sum() >= 4 and torch.equal(got_c[off], torch.zeros(int(off.sum()), 2, dtype=torch.float64))
 
 
-def _scalars(i, clip, zero):
-    return random_scalars(100 + i, clip, zero)
+def _scalars(i, clip, zero, skip=False):
+    return random_scalars(100 + i, clip, zero, skip)
 
 
 @needs_native
@@ -90,7 +112,7 @@ def test_adam_step_bit_exact(backend, threads):
     sizes = [n for n in SIZES if n]
     params, grads, ms, vs = _tensors(sizes, 1), _tensors(sizes, 2), _tensors(sizes, 3), _tensors(sizes, 4)
     vs = [v.abs() for v in vs]
-    scalars = [_scalars(i, clip=i % 2 == 0, zero=i % 3 == 0) for i in range(len(sizes))]
+    scalars = _table([_scalars(i, clip=i % 2 == 0, zero=i % 3 == 0) for i in range(len(sizes))])
     ref = [[t.clone() for t in ts] for ts in (params, ms, vs)]
     got = [[t.clone() for t in ts] for ts in (params, ms, vs)]
     with backends.use_backend("ref"):
@@ -105,6 +127,51 @@ def test_adam_step_bit_exact(backend, threads):
     for a, b in zip(sum(ref, []), sum(got, [])):
         assert torch.equal(a, b)
     assert not torch.equal(ref[0][0], params[0])  # the step did move the weights
+
+
+@needs_native
+@pytest.mark.parametrize("backend", NATIVE)
+def test_adam_step_skipped_rows_leave_their_tensors_untouched(backend):
+    """Rows with skip set (some with clip / zero set too) among stepped ones: their params, m, v keep
+    every bit and their NaN gradients are not read; the others get the spec's step, in both of the
+    spec's paths and natively."""
+    sizes = [n for n in SIZES if n]
+    params, grads, ms, vs = _tensors(sizes, 1), _tensors(sizes, 2), _tensors(sizes, 3), _tensors(sizes, 4)
+    vs = [v.abs() for v in vs]
+    skip = [i % 3 == 1 for i in range(len(sizes))]
+    grads = [torch.full_like(g, float("nan")) if s else g for g, s in zip(grads, skip)]
+    scalars = _table([_scalars(i, clip=i % 2 == 0, zero=i % 4 == 0, skip=s) for i, s in enumerate(skip)])
+    runs = []
+    for name, foreach in (("ref", True), ("ref", False), (backend, True)):
+        state = [[t.clone() for t in ts] for ts in (params, ms, vs)]
+        with backends.use_backend(name):
+            kernels.adam_step(state[0], grads, state[1], state[2], scalars, foreach=foreach)
+        runs.append(state)
+    for state in runs:
+        for ts, orig in zip(state, (params, ms, vs)):
+            for i, (t, o) in enumerate(zip(ts, orig)):
+                assert _same_bits(t, o) if skip[i] else not torch.equal(t, o), i
+        for a, b in zip(sum(state, []), sum(runs[0], [])):
+            assert _same_bits(a, b)
+
+
+@needs_native
+def test_native_kernels_reject_bad_tables_with_the_argument_named():
+    from lowbit.backends.cpu import optim as cpu
+
+    ts = [[torch.zeros(5), torch.zeros(3)] for _ in range(4)]
+    ok = _table([_scalars(i, False, False) for i in range(2)])
+    cpu.optim_adam_step(*ts, ok)
+    cpu.optim_adam_step(*ts, ok.t().contiguous().t())  # any strides
+    for bad, what in ((ok[:, :13], r"\[2, 14\] fp64 tensor, got"), (ok[:1], r"\[2, 14\]"),
+                      (ok.float(), "Float"), (ok.to("meta"), "on the CPU, got one on meta")):
+        with pytest.raises(RuntimeError, match="scalars: expected .*" + what):
+            cpu.optim_adam_step(*ts, bad)
+    table = _table([(1.0, 0.5, 0.25), (0.0, 0.5, 0.25)])
+    assert cpu.optim_clip_stats(ts[1], table).shape == (2, 2)
+    for bad in (table[:, :2], table[:1], table.to("meta")):
+        with pytest.raises(RuntimeError, match=r"table: expected a \[2, 3\] fp64 tensor"):
+            cpu.optim_clip_stats(ts[1], bad)
 
 
 def _run(backend, foreach, **kw):
@@ -181,23 +248,28 @@ def _cuda_native():
 def test_cuda_kernels_bit_exact_with_spec_on_cuda():
     """The spec run with torch on the GPU against csrc/cuda/optim.cu: statistics and the step."""
     gs = [g.cuda() for g in _tensors(SIZES)]
+    gs[3][4] = float("nan")
     with backends.use_backend("ref"):
         ref = kernels.grad_stats(gs)
     with backends.use_backend("cuda"):
         got = kernels.grad_stats(gs)
-    assert ref == got
-    mh = [kernels.f32(0.3 * a) for a in ref[0]]
-    r = [kernels.f32(0.25)] * len(gs)
+    assert _same_stats(ref, got) and got.is_cuda
+    table = _clip_table(ref[:, 0].cpu()).cuda()  # clip off for the NaN tensor: (0, 0), not read
     with backends.use_backend("ref"):
-        ref_c = kernels.clip_stats(gs, mh, r)
+        ref_c = kernels.clip_stats(gs, table)
     with backends.use_backend("cuda"):
-        got_c = kernels.clip_stats(gs, mh, r)
-    assert ref_c == got_c
+        got_c = kernels.clip_stats(gs, table)
+    assert torch.equal(ref_c, got_c) and got_c.is_cuda
+    assert torch.equal(got_c[table[:, 0] == 0], torch.zeros(4, 2, dtype=torch.float64, device="cuda"))
+    with pytest.raises(RuntimeError, match="table: expected a .* on cuda"):
+        kernels.clip_stats(gs, table.cpu())
     sizes = [n for n in SIZES if n]
     params, grads, ms, vs = (
         [t.cuda() for t in _tensors(sizes, s)] for s in (1, 2, 3, 4))
     vs = [v.abs() for v in vs]
-    scalars = [_scalars(i, clip=i % 2 == 0, zero=i % 3 == 0) for i in range(len(sizes))]
+    skip = [i % 4 == 2 for i in range(len(sizes))]
+    grads = [torch.full_like(g, float("nan")) if s else g for g, s in zip(grads, skip)]
+    scalars = _table([_scalars(i, clip=i % 2 == 0, zero=i % 3 == 0, skip=s) for i, s in enumerate(skip)]).cuda()
     a = [[t.clone() for t in ts] for ts in (params, ms, vs)]
     b = [[t.clone() for t in ts] for ts in (params, ms, vs)]
     with backends.use_backend("ref"):
@@ -205,4 +277,11 @@ def test_cuda_kernels_bit_exact_with_spec_on_cuda():
     with backends.use_backend("cuda"):
         kernels.adam_step(b[0], grads, b[1], b[2], scalars)
     for x, y in zip(sum(a, []), sum(b, [])):
-        assert torch.equal(x, y)
+        assert _same_bits(x, y)
+    for ts, orig in zip(b, (params, ms, vs)):
+        for t, o, s in zip(ts, orig, skip):
+            assert _same_bits(t, o) == s
+    with pytest.raises(RuntimeError, match=r"scalars: expected a \[9, 14\] fp64 tensor on cuda"):
+        kernels.adam_step(b[0], grads, b[1], b[2], scalars.cpu())
+    with pytest.raises(RuntimeError, match=r"scalars: expected a \[9, 14\] fp64 tensor, got"):
+        kernels.adam_step(b[0], grads, b[1], b[2], scalars[:, :13])

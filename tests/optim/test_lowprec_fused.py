@@ -99,18 +99,27 @@ def _run(backend, state_dtype, threads, shapes=SHAPES, steps=9, **kw):
     return ps, opt
 
 
+def _same_value(a, b) -> bool:
+    """`_same` for tensors, also inside the lists and dicts of a state (a ZeRO carrier's per-tensor
+    statistics); == for the rest."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and _same(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 def _assert_same_run(a, b):
     (pa, oa), (pb, ob) = a, b
-    assert oa.stats == ob.stats
+    assert _same_value(oa.stats, ob.stats)
     for x, y in zip(pa, pb):
         assert _same(x.detach(), y.detach())
         sa, sb = oa.state[x], ob.state[y]
         assert sa.keys() == sb.keys()
         for k in sa:
-            if isinstance(sa[k], torch.Tensor):
-                assert _same(sa[k], sb[k]), k
-            else:
-                assert sa[k] == sb[k], k
+            assert _same_value(sa[k], sb[k]), k
 
 
 # The optimizer-level runs use one thread (many small torch ops; the thread count changes no bit of
@@ -202,34 +211,39 @@ def test_flat_partition_official_reset_after_update(native_calls):
 
 
 # ---- the kernel itself: special values in the stored moments, scalars per piece ----
+SKIP, ZERO_AFTER = len(kernels.SCALARS) - 1, len(kernels.SCALARS)  # columns of a piece's row
+
+
 def _spec_step(state_dtype, carriers, pieces, grads, rows, seeds):
-    """What StableSPAM._step_pieces does without the fused kernel."""
-    moments = [S.load_moments(st, p.shape, state_dtype) for p, st in carriers]
+    """What StableSPAM._step_pieces does without the fused kernel: the spec's composition. A carrier
+    none of whose pieces steps is left out; a skipped piece is left by the step and not zeroed after."""
+    live = sorted({c for (c, _, _), r in zip(pieces, rows) if not r[SKIP]})
+    keep = [i for i, (c, _, _) in enumerate(pieces) if c in live]
+    moments = {c: S.load_moments(carriers[c][1], carriers[c][0].shape, state_dtype) for c in live}
+    sel = [pieces[i] for i in keep]
     with backends.use_backend("ref"):
-        kernels.adam_step([carriers[c][0].view(-1).narrow(0, s, n) for c, s, n in pieces], grads,
-                          [moments[c][0].view(-1).narrow(0, s, n) for c, s, n in pieces],
-                          [moments[c][1].view(-1).narrow(0, s, n) for c, s, n in pieces],
-                          [r[:13] for r in rows])
+        kernels.adam_step([carriers[c][0].view(-1).narrow(0, s, n) for c, s, n in sel], [grads[i] for i in keep],
+                          [moments[c][0].view(-1).narrow(0, s, n) for c, s, n in sel],
+                          [moments[c][1].view(-1).narrow(0, s, n) for c, s, n in sel],
+                          torch.tensor([rows[i][:SKIP + 1] for i in keep], dtype=torch.float64).reshape(-1, SKIP + 1))
     for (c, s, n), r in zip(pieces, rows):
-        if r[13]:
+        if r[ZERO_AFTER] and not r[SKIP]:
             moments[c][0].view(-1).narrow(0, s, n).zero_()
             moments[c][1].view(-1).narrow(0, s, n).zero_()
-    for (p, st), (m, v), (sm, sv) in zip(carriers, moments, seeds):
+    for c in live:
+        (m, v), (sm, sv) = moments[c], seeds[c]
         with backends.use_backend("ref"):
-            S.store_moment(st, "exp_avg", m, state_dtype, sm)
-            S.store_moment(st, "exp_avg_sq", v, state_dtype, sv)
+            S.store_moment(carriers[c][1], "exp_avg", m, state_dtype, sm)
+            S.store_moment(carriers[c][1], "exp_avg_sq", v, state_dtype, sv)
 
 
-def _row(i, clip, zero, zero_after):
-    return random_scalars(50 + i, clip, zero) + (1.0 if zero_after else 0.0,)
+def _row(i, clip, zero, zero_after, skip=False):
+    return random_scalars(50 + i, clip, zero, skip) + (1.0 if zero_after else 0.0,)
 
 
-@needs_native
-@pytest.mark.parametrize("state_dtype", LOWPREC)
-@pytest.mark.parametrize("threads", [1, 2])
-def test_kernel_special_values_and_piece_scalars(state_dtype, threads, native_calls):
-    g = torch.Generator().manual_seed(11)
-    sizes = [1000, 33_000, 1]
+def _carriers(state_dtype, sizes, g):
+    """(fp32 params, stored moments) per size, with an infinite v, a NaN m and a run of v = 0 where
+    the carrier is large enough."""
     carriers = []
     for n in sizes:
         st = {}
@@ -237,19 +251,15 @@ def test_kernel_special_values_and_piece_scalars(state_dtype, threads, native_ca
         v = m * m * torch.rand(n, generator=g)
         if n > 10:
             v[3] = float("inf")  # a block with an infinite second moment
-            m[700] = float("nan")  # and one with a NaN first moment
-            v[500:520] = 0.0
+            m[700 % n] = float("nan")  # and one with a NaN first moment
+            v[500 % n:500 % n + 20] = 0.0
         S.store_moment(st, "exp_avg", m, state_dtype, seed=1)
         S.store_moment(st, "exp_avg_sq", v, state_dtype, seed=2)
         carriers.append((torch.randn(n, generator=g), st))
-    # carrier 0: three pieces with different scalars and a gap; carrier 1: two pieces crossing a
-    # block and a work item; carrier 2: one element
-    pieces = [(0, 0, 100), (0, 100, 300), (0, 650, 350), (1, 0, 32_800), (1, 32_800, 200), (2, 0, 1)]
-    rows = [_row(i, clip=i % 2 == 0, zero=i == 1, zero_after=i == 2) for i in range(len(pieces))]
-    grads = [torch.randn(n, generator=g) * 10 for _, _, n in pieces]
-    seeds = [(S.sr_seed(1, 7, i, 0), S.sr_seed(1, 7, i, 1)) for i in range(len(carriers))]
-    ref = [(p.clone(), {k: t.clone() for k, t in st.items()}) for p, st in carriers]
-    _spec_step(state_dtype, ref, pieces, grads, rows, seeds)
+    return carriers
+
+
+def _native_step(state_dtype, carriers, pieces, grads, rows, seeds, threads=1):
     stored = [S.stored_moments(st, p, state_dtype) for p, st in carriers]
     scaled = state_dtype != "bf16"
     n = torch.get_num_threads()
@@ -262,8 +272,14 @@ def test_kernel_special_values_and_piece_scalars(state_dtype, threads, native_ca
                                         S.int8_books("cpu") if state_dtype == "int8" else [])
     finally:
         torch.set_num_threads(n)
-    assert native_calls == [state_dtype]
-    for (p, st), (rp, rst) in zip(carriers, ref):
+
+
+def _copy(carriers):
+    return [(p.clone(), {k: t.clone() for k, t in st.items()}) for p, st in carriers]
+
+
+def _assert_same_carriers(got, want):
+    for (p, st), (rp, rst) in zip(got, want):
         assert _same(p, rp)
         assert st.keys() == rst.keys()
         for k in st:
@@ -271,7 +287,58 @@ def test_kernel_special_values_and_piece_scalars(state_dtype, threads, native_ca
 
 
 @needs_native
+@pytest.mark.parametrize("state_dtype", LOWPREC)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_special_values_and_piece_scalars(state_dtype, threads, native_calls):
+    g = torch.Generator().manual_seed(11)
+    carriers = _carriers(state_dtype, [1000, 33_000, 1], g)
+    # carrier 0: three pieces with different scalars and a gap; carrier 1: two pieces crossing a
+    # block and a work item; carrier 2: one element
+    pieces = [(0, 0, 100), (0, 100, 300), (0, 650, 350), (1, 0, 32_800), (1, 32_800, 200), (2, 0, 1)]
+    rows = [_row(i, clip=i % 2 == 0, zero=i == 1, zero_after=i == 2) for i in range(len(pieces))]
+    grads = [torch.randn(n, generator=g) * 10 for _, _, n in pieces]
+    seeds = [(S.sr_seed(1, 7, i, 0), S.sr_seed(1, 7, i, 1)) for i in range(len(carriers))]
+    ref = _copy(carriers)
+    _spec_step(state_dtype, ref, pieces, grads, rows, seeds)
+    _native_step(state_dtype, carriers, pieces, grads, rows, seeds, threads)
+    assert native_calls == [state_dtype]
+    _assert_same_carriers(carriers, ref)
+
+
+@needs_native
+@pytest.mark.parametrize("state_dtype", LOWPREC)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_skipped_pieces_and_carriers(state_dtype, threads, native_calls):
+    """A skipped piece (its NaN gradient never read, its zero / zero_after flags ignored) beside stepped
+    ones is a gap: its elements are decoded and re-encoded with their blocks. A carrier whose pieces
+    all skip, or that has none, keeps its parameter, codes and scales bit for bit."""
+    g = torch.Generator().manual_seed(12)
+    carriers = _carriers(state_dtype, [1000, 33_000, 600, 300], g)
+    # carrier 0: stepped, skipped (inside a block), stepped; carrier 1: a skipped piece over two work
+    # items and a stepped one; carrier 2: two skipped pieces; carrier 3: no piece
+    pieces = [(0, 0, 100), (0, 100, 300), (0, 650, 350), (1, 0, 32_900), (1, 32_900, 100), (2, 0, 200),
+              (2, 300, 300)]
+    skip = [False, True, False, True, False, True, True]
+    rows = [_row(i, clip=i % 2 == 0, zero=i in (1, 5), zero_after=i in (1, 2, 6), skip=s)
+            for i, s in enumerate(skip)]
+    grads = [torch.full((n,), float("nan")) if s else torch.randn(n, generator=g) * 10
+             for (_, _, n), s in zip(pieces, skip)]
+    seeds = [(S.sr_seed(1, 7, i, 0), S.sr_seed(1, 7, i, 1)) for i in range(len(carriers))]
+    before = _copy(carriers)
+    ref = _copy(carriers)
+    _spec_step(state_dtype, ref, pieces, grads, rows, seeds)
+    _native_step(state_dtype, carriers, pieces, grads, rows, seeds, threads)
+    assert native_calls == [state_dtype]
+    _assert_same_carriers(carriers, ref)
+    _assert_same_carriers(carriers[2:], before[2:])  # no piece to step: not even re-encoded
+    assert _same(carriers[0][0][100:400], before[0][0][100:400])  # the skipped piece's weights
+    assert not _same(carriers[0][0][:100], before[0][0][:100])
+
+
+@needs_native
 def test_kernel_rejects_bad_input_with_the_argument_named():
+    import lowbit.backends.cpu.optim as cpu
+
     p, m, v = torch.zeros(300), torch.zeros(300, dtype=torch.bfloat16), torch.zeros(300, dtype=torch.bfloat16)
     row = _row(0, False, False, False)
 
@@ -297,6 +364,9 @@ def test_kernel_rejects_bad_input_with_the_argument_named():
         call(grads=[torch.zeros(299)])
     with pytest.raises(RuntimeError, match="seeds"):
         call(seeds=[(-1, 2)])
+    with pytest.raises(RuntimeError, match=r"scalars: expected a contiguous \[P, 15\] fp64 CPU tensor"):
+        cpu.optim_lowprec_step("bf16", [p], [m], [], [v], [], [torch.zeros(300)], torch.tensor([[0, 0, 300]]),
+                               torch.tensor([row[:14]], dtype=torch.float64), torch.tensor([[1, 2]]), [])
     with pytest.raises(RuntimeError, match="m_scales"):
         call(state_dtype="fp8")
     with pytest.raises(RuntimeError, match="books"):
@@ -338,7 +408,7 @@ def test_int8_code_choice_at_and_next_to_midpoints(native_calls):
                    one, mids_v.sqrt(), one, torch.nextafter(mids_v.sqrt(), torch.tensor(2.0))])
     n = g.numel()
     f32 = kernels.f32
-    row = (0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, f32(1e-8), 1.0, f32(1e-3), 1.0, 0.0)
+    row = (0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, f32(1e-8), 1.0, f32(1e-3), 1.0, 0.0, 0.0)
     st = {}
     S.init_moment(st, "exp_avg", torch.zeros(n), "int8")
     S.init_moment(st, "exp_avg_sq", torch.zeros(n), "int8")

@@ -7,6 +7,7 @@ import torch
 import lowbit
 from lowbit.optim import SPAM, STATE_DTYPES, StableSPAM, measured_state_bytes, state_bytes_per_param
 from lowbit.optim import state as S
+from lowbit.optim import spam_scalars
 
 
 def test_bytes_per_param_table():
@@ -21,14 +22,16 @@ def test_bytes_per_param_table():
 
 @pytest.mark.parametrize("state_dtype", STATE_DTYPES)
 def test_measured_bytes_match_table(state_dtype):
-    # numel a multiple of 256 so no block padding: the measurement equals the table exactly
+    # numel a multiple of 256 so no block padding: the measurement equals the table exactly, plus
+    # each tensor's row of fp64 scalar statistics
     ps = [torch.nn.Parameter(torch.randn(64, 128)), torch.nn.Parameter(torch.randn(512))]
     opt = StableSPAM(ps, state_dtype=state_dtype)
     for p in ps:
         p.grad = torch.randn_like(p)
     opt.step()
     n = sum(p.numel() for p in ps)
-    assert measured_state_bytes(opt) == opt.state_bytes() == n * state_bytes_per_param(state_dtype)
+    scalars = len(ps) * len(spam_scalars.COLS) * 8
+    assert measured_state_bytes(opt) == opt.state_bytes() == n * state_bytes_per_param(state_dtype) + scalars
     assert opt.state[ps[0]]["exp_avg"].dtype == {"fp32": torch.float32, "bf16": torch.bfloat16,
                                                  "fp8": torch.float8_e4m3fn, "int8": torch.uint8}[state_dtype]
     if state_dtype == "fp8":

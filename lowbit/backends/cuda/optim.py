@@ -4,7 +4,9 @@
 The fused step's work table (which tensor and chunk each block of the launch updates) depends only
 on the tensor sizes: it is built and uploaded once per layout of the parameter list (a ZeRO
 partition's pieces included) and reused every step; a step then uploads only its per-tensor
-pointers and scalars, in one copy the host does not wait for.
+pointers, in one copy the host does not wait for. The per-tensor scalars stay on the device: the
+kernels read `optim_clip_stats`'s [n, 3] (clip, mh, r) table and `optim_adam_step`'s [n, 14]
+`SCALARS` rows there (CUDA tensors on the gradients' device), so a step never syncs.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ def step_layout(params):
 
 
 def adam_step(params, grads, ms, vs, scalars) -> None:
+    """`scalars`: the [n, len(SCALARS)] fp64 table on the params' device (a row whose skip is set
+    leaves its tensor untouched)."""
     _native._C.optim_adam_step(params, grads, ms, vs, scalars, step_layout(params))
 
 

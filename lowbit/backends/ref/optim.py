@@ -14,6 +14,9 @@ Statistics of a tensor g (n elements, fp32):
     into aligned power-of-two chunks for threads.)
   * with AdaClip: the same sum over the clipped values ``c_i = |g_i| > mh ? g_i * r : g_i``, and
     the count of clipped entries.
+  Both come back as [n, 2] fp64 tensors on the gradients' device, and every per-tensor scalar of
+  the step is read from a tensor on that device: nothing is read back to the host, so a training
+  step on a GPU never waits for it.
 
 Elementwise step per tensor, every scalar first rounded to fp32, every operation one IEEE fp32
 rounding (no fused multiply-add):
@@ -24,11 +27,14 @@ rounding (no fused multiply-add):
   u  = m / (sqrt(v) * inv_sbc2 + eps)                  (inv_sbc2 = 1 / sqrt(1 - beta2^j); sqrt
                                                         correctly rounded, as IEEE 754 requires)
   p  = p * decay - u * step                            (decay = 1 - lr wd, step = lr / bc1)
+A tensor whose ``skip`` is set (its gradient held NaN or Inf) is left untouched.
 
 Moments stored in bf16 / fp8 / int8 (`lowprec_step`): the same step between a decode and an
 encode of the moments; its spec is that composition, ``state.load_moments`` (the first moment
 zeroed where the second decodes to 0), the step above, zeroing after the update where asked
-(compat="official" resets), ``state.store_moment``. The native kernel does it block by block.
+(compat="official" resets), ``state.store_moment``; a carrier all of whose pieces skip keeps its
+stored moments (a skipped piece beside stepped ones is decoded and encoded with them). The native
+kernel does it block by block.
 """
 from __future__ import annotations
 
@@ -39,7 +45,7 @@ import torch
 
 LANES = 16
 # per-tensor scalars of the elementwise step, in the order the native kernels read them
-SCALARS = ("clip", "mh", "r", "f", "b1", "omb1", "b2", "omb2", "inv_sbc2", "eps", "decay", "step", "zero")
+SCALARS = ("clip", "mh", "r", "f", "b1", "omb1", "b2", "omb2", "inv_sbc2", "eps", "decay", "step", "zero", "skip")
 
 
 def f32(x: float) -> float:
@@ -58,56 +64,80 @@ def _tree_rows(q: torch.Tensor) -> torch.Tensor:
     return q[0]
 
 
-def sumsq_spec(x: torch.Tensor) -> float:
-    """sum of x_i^2 in fp64 in the order defined above."""
+def sumsq_spec(x: torch.Tensor) -> torch.Tensor:
+    """sum of x_i^2 in fp64 in the order defined above, as a 0-d tensor on x's device."""
     flat = x.reshape(-1).to(torch.float64)
     n = flat.numel()
     if n == 0:
-        return 0.0
+        return flat.new_zeros(())
     pad = (-n) % LANES
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     lanes = _tree_rows((flat * flat).view(-1, LANES))
-    return _tree_rows(lanes.view(LANES, 1))[0].item()
+    return _tree_rows(lanes.view(LANES, 1))[0]
 
 
-def grad_stats(grads: list[torch.Tensor]) -> tuple[list[float], list[float]]:
-    """Per tensor (max |g|, sum g^2); max |g| is +inf where the tensor holds NaN or Inf."""
-    amax, sumsq = [], []
+def _stat_table(rows: list[torch.Tensor], device) -> torch.Tensor:
+    """[n, 2] fp64 on `device` from n rows of two 0-d tensors."""
+    if not rows:
+        return torch.zeros((0, 2), dtype=torch.float64, device=device)
+    return torch.stack([torch.stack(r) for r in rows]).to(torch.float64)
+
+
+def grad_stats(grads: list[torch.Tensor]) -> torch.Tensor:
+    """[n, 2] fp64 on the gradients' device: (max |g|, sum g^2) per tensor; max |g| is +inf where
+    the tensor holds NaN or Inf. Computed where the gradients are, never read back to the host."""
+    device = grads[0].device if grads else torch.device("cpu")
+    rows = []
     for g in grads:
         s = sumsq_spec(g)
-        a = g.abs().max().item() if g.numel() else 0.0
-        amax.append(a if math.isfinite(s) else math.inf)
-        sumsq.append(s)
-    return amax, sumsq
+        a = g.abs().max().to(torch.float64) if g.numel() else s.new_zeros(())
+        rows.append((torch.where(torch.isfinite(s), a, math.inf), s))
+    return _stat_table(rows, device)
 
 
-def clipped(g: torch.Tensor, mh: float, r: float) -> torch.Tensor:
-    """``|g| > mh ? g * r : g`` with fp32 mh, r (the comparison and product in g's dtype)."""
+def clipped(g: torch.Tensor, mh, r) -> torch.Tensor:
+    """``|g| > mh ? g * r : g`` with fp32 mh, r (Python floats or 0-d tensors; the comparison and
+    product in g's dtype)."""
     return torch.where(g.abs() > mh, g * r, g)
 
 
-def clip_stats(grads: list[torch.Tensor], mh: list[float], r: list[float]) -> tuple[list[float], list[int]]:
-    """Per tensor (sum of the clipped values squared, number of clipped entries); mh, r fp32."""
-    sums, counts = [], []
-    for g, a, b in zip(grads, mh, r):
-        sums.append(sumsq_spec(clipped(g, a, b)))
-        counts.append(int((g.abs() > a).sum()))
-    return sums, counts
+def clip_stats(grads: list[torch.Tensor], table: torch.Tensor) -> torch.Tensor:
+    """[n, 2] fp64: (sum of the clipped values squared, number of clipped entries) per tensor, where
+    ``table[i] = (clip, mh, r)`` (fp64, on the gradients' device; mh, r fp32-exact); (0, 0) for a
+    tensor whose clip is 0 (its gradient need not be read)."""
+    device = grads[0].device if grads else torch.device("cpu")
+    rows = []
+    for g, (clip, mh, r) in zip(grads, _per_tensor(table, [g.dtype for g in grads])):
+        hit = (g.abs() > mh) & (clip != 0)
+        s = sumsq_spec(torch.where(hit, g * r, g))
+        rows.append((torch.where(clip != 0, s, 0.0), hit.sum().to(torch.float64)))
+    return _stat_table(rows, device)
 
 
-def adam_step(params, grads, ms, vs, scalars: list[tuple], foreach: bool = True) -> None:
-    """One elementwise step per tensor, in place on params, ms, vs (one foreach pass, or tensor by tensor)."""
+def _per_tensor(table: torch.Tensor, dtypes: list[torch.dtype]) -> list[torch.Tensor]:
+    """Row i of `table` (fp64; its values exact in fp32 where tensor i computes in fp32) in the
+    compute dtype `dtypes[i]`."""
+    as32 = table.to(torch.float32)
+    return [as32[i] if d == torch.float32 else table[i].to(d) for i, d in enumerate(dtypes)]
+
+
+def adam_step(params, grads, ms, vs, scalars: torch.Tensor, foreach: bool = True) -> None:
+    """One elementwise step per tensor, in place on params, ms, vs (one foreach pass, or tensor by
+    tensor). ``scalars`` is the [n, len(SCALARS)] fp64 table on the tensors' device: its values are
+    used where they are, so the step never waits for the device. A tensor whose ``skip`` is set is
+    left untouched."""
+    rows = _per_tensor(scalars, [g.dtype for g in grads])
     if foreach:
-        _adam_foreach(params, grads, ms, vs, scalars)
+        _adam_foreach(params, grads, ms, vs, rows)
     else:
         for i in range(len(params)):
-            _adam_foreach([params[i]], [grads[i]], [ms[i]], [vs[i]], [scalars[i]])
+            _adam_foreach([params[i]], [grads[i]], [ms[i]], [vs[i]], [rows[i]])
 
 
-def _col(scalars, name):
+def _col(rows, name):
     i = SCALARS.index(name)
-    return [s[i] for s in scalars]
+    return [r[i] for r in rows]
 
 
 def _sqrt(v: torch.Tensor) -> torch.Tensor:
@@ -117,43 +147,36 @@ def _sqrt(v: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(v.double()).float() if v.dtype == torch.float32 else torch.sqrt(v)
 
 
-def _adam_foreach(params, grads, ms, vs, scalars) -> None:
-    gs = []
-    for g, s in zip(grads, scalars):
-        if s[0]:
-            g = clipped(g, s[1], s[2])
-        gs.append(g)
-    gs = torch._foreach_mul(gs, _col(scalars, "f"))
-    fresh = [t for t, s in zip(ms, scalars) if s[-1]] + [t for t, s in zip(vs, scalars) if s[-1]]
-    if fresh:
-        torch._foreach_zero_(fresh)
-    torch._foreach_mul_(ms, _col(scalars, "b1"))
-    torch._foreach_add_(ms, torch._foreach_mul(gs, _col(scalars, "omb1")))
-    torch._foreach_mul_(vs, _col(scalars, "b2"))
+def _adam_foreach(params, grads, ms, vs, rows) -> None:
+    """The step with each tensor's scalars as 0-d tensors: flags select with torch.where, never
+    with a branch on the host."""
+    gs = [torch.where((r[0] != 0) & (g.abs() > r[1]), g * r[2], g) for g, r in zip(grads, rows)]
+    gs = torch._foreach_mul(gs, _col(rows, "f"))
+    zero, skip = _col(rows, "zero"), _col(rows, "skip")
+    m0 = [torch.where(z != 0, 0.0, m) for m, z in zip(ms, zero)]
+    v0 = [torch.where(z != 0, 0.0, v) for v, z in zip(vs, zero)]
+    m1 = torch._foreach_mul(m0, _col(rows, "b1"))
+    torch._foreach_add_(m1, torch._foreach_mul(gs, _col(rows, "omb1")))
+    v1 = torch._foreach_mul(v0, _col(rows, "b2"))
     sq = torch._foreach_mul(gs, gs)
-    torch._foreach_mul_(sq, _col(scalars, "omb2"))
-    torch._foreach_add_(vs, sq)
-    denom = [_sqrt(v) for v in vs]
-    torch._foreach_mul_(denom, _col(scalars, "inv_sbc2"))
-    torch._foreach_add_(denom, _col(scalars, "eps"))
-    upd = torch._foreach_div(ms, denom)
-    torch._foreach_mul_(upd, _col(scalars, "step"))
-    torch._foreach_mul_(params, _col(scalars, "decay"))
-    torch._foreach_sub_(params, upd)
+    torch._foreach_mul_(sq, _col(rows, "omb2"))
+    torch._foreach_add_(v1, sq)
+    denom = [_sqrt(v) for v in v1]
+    torch._foreach_mul_(denom, _col(rows, "inv_sbc2"))
+    torch._foreach_add_(denom, _col(rows, "eps"))
+    upd = torch._foreach_div(m1, denom)
+    torch._foreach_mul_(upd, _col(rows, "step"))
+    p1 = torch._foreach_mul(params, _col(rows, "decay"))
+    torch._foreach_sub_(p1, upd)
+    for old, new, flags in ((params, p1, skip), (ms, m1, skip), (vs, v1, skip)):
+        for t, x, k in zip(old, new, flags):
+            t.copy_(torch.where(k != 0, t, x))
 
 
-# The op functions of the registry's "optim" family, with the native kernels' signatures.
-def optim_grad_stats(grads: list[torch.Tensor]) -> torch.Tensor:
-    """[n, 2] fp64: (max |g|, sum g^2) per tensor."""
-    amax, sumsq = grad_stats(grads)
-    return torch.tensor(list(zip(amax, sumsq)), dtype=torch.float64).reshape(-1, 2)
-
-
-def optim_clip_stats(grads: list[torch.Tensor], mh: list[float], r: list[float]) -> torch.Tensor:
-    """[n, 2] fp64: (sum of the clipped values squared, number clipped) per tensor."""
-    sums, counts = clip_stats(grads, mh, r)
-    return torch.tensor(list(zip(sums, counts)), dtype=torch.float64).reshape(-1, 2)
+# The op functions of the registry's "optim" family: the native kernels' signatures.
+optim_grad_stats = grad_stats
+optim_clip_stats = clip_stats
 
 
 def optim_adam_step(params, grads, ms, vs, scalars: torch.Tensor) -> None:
-    adam_step(params, grads, ms, vs, [tuple(row) for row in scalars.tolist()])
+    adam_step(params, grads, ms, vs, scalars)
