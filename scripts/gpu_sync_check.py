@@ -9,9 +9,9 @@ by lowbit.train (model.build applies the recipe, optim.build the optimizer), two
 (kernels compile, optimizer state appears), then one full step - forward, the loop's nll loss,
 backward, optimizer step, zero_grad - under torch.cuda.set_sync_debug_mode("error"). The first
 synchronising operation raises; its message and the innermost lowbit frame of its traceback are
-recorded, and any sync is a failure (Stable-SPAM's fused step still reads its per-tensor statistics
-back to the host: two or three syncs a step, which this check reports). With --dry (no CUDA) the same steps run on the CPU without the debug
-mode: the code path only.
+recorded, and any sync is a failure. With --dry (no CUDA) the same steps run on the CPU without the
+debug mode: the code path only (tests/optim/test_stable_spam_device.py checks on the CPU that
+Stable-SPAM's step reads no tensor back to the host).
 
 One JSON record per line, written as each run ends (a run cut short by the time limit still leaves
 the others): recipe, optim, status (PASS | SYNC | ERROR | NOT RUN), message, frame, seconds.
