@@ -163,11 +163,13 @@ class StableSPAM(FlatPartitions, LowbitOptimizer):
         table = sc.clip(group["theta"])
 
         # AdaClip changes the norm of the tensors it clips: their sum of squares again, on the device
-        local = [i for i, pc in enumerate(pieces) if pc.length]
+        local = [i for i, pc in enumerate(pieces) if pc.length]  # the pieces this rank holds elements of
+        idx = upload(local, torch.int64, device) if len(local) < len(pieces) else None
+        at_local = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))
         clipped = torch.zeros_like(stats)
         if local:
-            idx = upload(local, torch.int64, device)
-            clipped.index_copy_(0, idx, kernels.clip_stats([pieces[i].grad for i in local], table.index_select(0, idx)))
+            sums = kernels.clip_stats([pieces[i].grad for i in local], at_local(table))
+            clipped = sums if idx is None else clipped.index_copy_(0, idx, sums)
         reduce_table(pieces, clipped, ("sum", "sum"))
         self._count("clipped", clipped[:, 1].sum())
         self._count("nonfinite_skipped", (~sc.live).sum())
@@ -189,9 +191,7 @@ class StableSPAM(FlatPartitions, LowbitOptimizer):
             steps = [pieces[i] for i in local]
             for pos, pc in enumerate(steps):
                 pc.pos = pos
-            idx = upload(local, torch.int64, device)
-            self._elementwise(steps, rows.index_select(0, idx), zero_after.index_select(0, idx),
-                              sc.live.index_select(0, idx), index, T)
+            self._elementwise(steps, at_local(rows), at_local(zero_after), at_local(sc.live), index, T)
 
     def _elementwise(self, steps, rows, zero_after, live, index, T):
         """The step of each piece this rank holds (``steps[i].pos == i``, the pieces of a carrier
