@@ -546,6 +546,13 @@ def sync_result(name: str, recs: list[dict], rc: int | None, dry: bool) -> Resul
     rows = ["| recipe | optimizer | status | first sync (or error) | lowbit frame | s |", "|---|---|---|---|---|---:|"]
     rows += [f"| {r.get('recipe')} | {r.get('optim')} | {r.get('status')} | {r.get('message', '').replace('|', '/')} "
              f"| {r.get('frame', '')} | {num(r.get('seconds'), '.1f')} |" for r in recs]
+    every: dict[str, int] = {}  # each sync of the failing steps, over all runs
+    for r in recs:
+        for x in r.get("syncs", []):
+            every[x["frame"]] = every.get(x["frame"], 0) + x["count"]
+    if every:
+        rows += ["", "| every sync of those steps (innermost lowbit frame, else torch / transformers) | count |",
+                 "|---|---:|"] + [f"| {f} | {n} |" for f, n in every.items()]
     bad = [f"{r.get('recipe')}/{r.get('optim')}" for r in recs if r.get("status") != "PASS"]
     passed = "runs completed" if dry else "steps without a host sync"
     note = (f"{sum(r.get('status') == 'PASS' for r in recs)}/{len(recs)} {passed}"

@@ -9,12 +9,15 @@ by lowbit.train (model.build applies the recipe, optim.build the optimizer), two
 (kernels compile, optimizer state appears), then one full step - forward, the loop's nll loss,
 backward, optimizer step, zero_grad - under torch.cuda.set_sync_debug_mode("error"). The first
 synchronising operation raises; its message and the innermost lowbit frame of its traceback are
-recorded, and any sync is a failure. With --dry (no CUDA) the same steps run on the CPU without the
-debug mode: the code path only (tests/optim/test_stable_spam_device.py checks on the CPU that
-Stable-SPAM's step reads no tensor back to the host).
+recorded, and any sync is a failure. The step is then run once more under the "warn" mode, which
+lists every synchronising operation reached from Python code (not only the first) by its innermost
+lowbit frame, or its torch / transformers frame where lowbit has none, with a count. With --dry (no
+CUDA) the same steps run on the CPU without the debug mode: the code path only (on the CPU,
+tests/optim/test_stable_spam_device.py and tests/objectives/test_device_only.py check that the
+optimizer step and the losses read no tensor back to the host).
 
 One JSON record per line, written as each run ends (a run cut short by the time limit still leaves
-the others): recipe, optim, status (PASS | SYNC | ERROR | NOT RUN), message, frame, seconds.
+the others): recipe, optim, status (PASS | SYNC | ERROR | NOT RUN), message, frame, syncs (SYNC), seconds.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIMIZERS = ("adamw", "stable_spam")
@@ -38,14 +42,48 @@ SYNC_MARK = "synchronizing CUDA operation"  # what set_sync_debug_mode("error") 
 
 def lowbit_frame(tb) -> str:
     """The innermost traceback frame inside the lowbit package, as 'lowbit/x.py:LINE in func'."""
+    return innermost(traceback.extract_tb(tb))
+
+
+def innermost(frames) -> str:
+    """The innermost of `frames` inside the lowbit package, else the innermost one of all (a sync of
+    torch or transformers itself), as 'path:LINE in func'."""
     import lowbit
 
     pkg = os.path.dirname(os.path.abspath(lowbit.__file__))
-    inside = [f for f in traceback.extract_tb(tb) if os.path.abspath(f.filename).startswith(pkg + os.sep)]
+    inside = [f for f in frames if os.path.abspath(f.filename).startswith(pkg + os.sep)]
     if not inside:
-        return "no lowbit frame (torch or transformers code)"
+        if not frames:
+            return "no Python frame"
+        f = frames[-1]
+        where = f.filename.split("site-packages" + os.sep)[-1]
+        return f"not lowbit: {where}:{f.lineno} in {f.name}"
     f = inside[-1]
     return f"{os.path.relpath(f.filename, os.path.dirname(pkg))}:{f.lineno} in {f.name}"
+
+
+def every_sync(step) -> list[dict]:
+    """Run `step` under set_sync_debug_mode("warn"), which reports each synchronising operation as a
+    warning instead of stopping at the first; -> [{frame, count}] in the order first seen."""
+    import torch
+
+    seen: dict[str, int] = {}
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if SYNC_MARK in str(message):
+            frame = innermost(traceback.extract_stack()[:-1])
+            seen[frame] = seen.get(frame, 0) + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return [{"frame": f, "count": n} for f, n in seen.items()]
 
 
 def one(recipe: str, optim: str, device: str, guard: bool) -> dict:
@@ -79,11 +117,18 @@ def one(recipe: str, optim: str, device: str, guard: bool) -> dict:
     except RuntimeError as exc:
         if SYNC_MARK not in str(exc):
             raise
-        return {"status": "SYNC", "message": str(exc).splitlines()[0], "frame": lowbit_frame(exc.__traceback__)}
+        out = {"status": "SYNC", "message": str(exc).splitlines()[0], "frame": lowbit_frame(exc.__traceback__)}
+    else:
+        out = None
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    return {"status": "PASS"}
+    if out is None:
+        return {"status": "PASS"}
+    # the first sync stopped the step: one more step lists all of them (those after it too)
+    opt.zero_grad(set_to_none=True)
+    out["syncs"] = every_sync(step)
+    return out
 
 
 def main(argv=None) -> int:

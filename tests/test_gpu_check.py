@@ -102,11 +102,14 @@ def test_sync_verdict(tmp_path):
     clean = [rec("bf16", "adamw", "PASS"), rec("bf16", "stable_spam", "PASS")]
     res = gc.sync_result("sync", clean, 0, dry=False)
     assert res.status == "PASS" and res.note == "2/2 steps without a host sync"
+    syncs = [{"frame": "lowbit/optim/kernels.py:30 in grad_stats", "count": 2},
+             {"frame": "not lowbit: transformers/masking_utils.py:776 in find_packed_sequence_indices", "count": 1}]
     synced = clean + [rec("nvfp4", "stable_spam", "SYNC", message="called a synchronizing CUDA operation",
-                          frame="lowbit/optim/kernels.py:30 in grad_stats"), rec("int4", "adamw", "NOT RUN")]
+                          frame="lowbit/optim/kernels.py:30 in grad_stats", syncs=syncs), rec("int4", "adamw", "NOT RUN")]
     res = gc.sync_result("sync", synced, 0, dry=False)
     assert res.status == "FAIL" and "failed: nvfp4/stable_spam, int4/adamw" in res.note  # every sync fails
     assert any("lowbit/optim/kernels.py:30 in grad_stats" in line for line in res.details)
+    assert "| not lowbit: transformers/masking_utils.py:776 in find_packed_sequence_indices | 1 |" in res.details
     assert gc.sync_result("sync", [], None, dry=False).status == "FAIL"  # nothing ran: no verdict to give
     assert gc.sync_result("sync", clean, 1, dry=False).status == "FAIL"
     assert gc.sync_result("sync", clean, 0, dry=True).note.startswith("--dry: steps ran on the CPU")
@@ -129,3 +132,35 @@ def test_bench_page_lists_limits_and_cases(tmp_path):
 
 def test_shell_script_parses():
     assert subprocess.run(["bash", "-n", os.path.join(ROOT, "scripts", "gpu_check.sh")]).returncode == 0
+
+
+def test_every_sync_lists_each_synchronising_frame(monkeypatch):
+    """The sync check's second pass: each sync the step makes (reported by the "warn" debug mode as a
+    warning) counted under its innermost lowbit frame. Faked on the CPU: Tensor.item warns as torch
+    does on a GPU, and SPAM's step reads one max |g| per tensor."""
+    import torch
+    import warnings
+
+    from lowbit.optim import SPAM
+
+    path = os.path.join(ROOT, "scripts", "gpu_sync_check.py")
+    sc_spec = importlib.util.spec_from_file_location("gpu_sync_check", path)
+    sc = importlib.util.module_from_spec(sc_spec)
+    sc_spec.loader.exec_module(sc)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    item = torch.Tensor.item
+
+    def syncing_item(self):
+        warnings.warn("called a synchronizing CUDA operation")
+        return item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", syncing_item)
+    ps = [torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(3))]
+    opt = SPAM(ps)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    found = sc.every_sync(opt.step)
+    assert len(found) == 1 and found[0]["count"] == 2
+    assert found[0]["frame"].startswith("lowbit/optim/_base.py:") and found[0]["frame"].endswith("in _finite_grads")
+    assert sc.innermost([]) == "no Python frame"

@@ -147,16 +147,15 @@ class _FusedScalar(torch.autograd.Function):
                 del g
             del z
 
-        n_keep = int(kept)
-        if n_keep == 0:
+        if kept.device.type == "cpu" and kept == 0:  # on a GPU, reading `kept` would wait for the device
             warnings.warn("fused_linear_sft_loss: no token is kept (all labels are ignore_index, or the "
                           "objective's selection is empty); returning a zero loss", RuntimeWarning, stacklevel=3)
-        scale = 1.0 / n_keep if (reduction == "mean" and n_keep > 0) else 1.0
-        loss = (total * scale).to(acc)
+        scale = 1.0 / kept.clamp(min=1).to(torch.float64) if reduction == "mean" else None
+        loss = (total if scale is None else total * scale).to(acc)
         grads = []
         for g, ref in ((grad_h, hidden), (grad_w, weight), (grad_b, bias)):
             if g is not None:
-                if scale != 1.0:
+                if scale is not None:
                     g.mul_(scale)
                 g = g.to(ref.dtype)
             grads.append(g)
@@ -169,12 +168,14 @@ class _FusedScalar(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         saved = iter(ctx.saved_tensors)
+        # The common case (loss.backward()) passes exactly 1: skip a full-size multiply where knowing
+        # that is free; on a GPU reading grad_out would wait for the device, so multiply there
+        one = grad_out.device.type == "cpu" and bool(grad_out == 1)
         out = []
         for has in ctx.has:
             if has:
                 g = next(saved)
-                # The common case (loss.backward()) passes exactly 1: skip a full-size multiply.
-                out.append(g if bool(grad_out == 1) else g * grad_out.to(g.dtype))
+                out.append(g if one else g * grad_out.to(g.dtype))
             else:
                 out.append(None)
         return out[0], out[1], out[2], None, None, None, None, None, None
@@ -268,7 +269,7 @@ def fused_linear_sft_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, la
     if reduction == "none":
         logp = _FusedTokenLogps.apply(hidden, lm_head_weight, bias, labels, valid, chunk)
         keep = _keep_mask(logp, valid, spec)
-        return _reduce(_token_loss(logp, spec), keep, "none", logp)
+        return _reduce(_token_loss(logp, spec), keep, "none")
     if n == 0:
         warnings.warn("fused_linear_sft_loss: empty input; returning a zero loss", RuntimeWarning, stacklevel=2)
         return hidden.float().sum() * 0.0 + lm_head_weight.float().sum() * 0.0

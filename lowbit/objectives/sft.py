@@ -51,7 +51,9 @@ def _check_labels(labels: Any, expect_shape: torch.Size, vocab: int, ignore_inde
     if labels.shape != expect_shape:
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match {what} {tuple(expect_shape)}")
     valid = labels != ignore_index
-    if labels.numel() and bool(((labels < 0) | (labels >= vocab)).logical_and(valid).any()):
+    # the range is read on the host only where that is free: on a GPU it would wait for the device
+    # (a sync in every training step); there an out-of-range label fails in the gather instead
+    if labels.device.type == "cpu" and labels.numel() and bool(((labels < 0) | (labels >= vocab)).logical_and(valid).any()):
         bad = labels[valid & ((labels < 0) | (labels >= vocab))]
         raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
                          f"found {bad[:4].tolist()}")
@@ -70,18 +72,18 @@ def _keep_mask(logp: torch.Tensor, valid: torch.Tensor, spec: ObjectiveSpec) -> 
     if spec.keep == "p_le":
         return valid & (logp <= _log_q(spec.q))
     if spec.ranks_tokens:
+        # k = min(n, max(1, ceil(fraction n))) of the n valid tokens, ranked by log p, all on the
+        # device: a top-k with a host k would read n back (a sync on a GPU)
         flat_valid = valid.reshape(-1)
-        n = int(flat_valid.sum())
-        keep = torch.zeros_like(flat_valid)
-        if n == 0:
-            return keep.view_as(valid)
-        k = min(n, max(1, math.ceil(spec.fraction * n - 1e-9)))
+        n = flat_valid.sum()
+        k = torch.ceil(spec.fraction * n.double() - 1e-9).clamp(min=1).minimum(n.double())
         top = spec.keep == "top_fraction"
         fill = float("-inf") if top else float("inf")
         scores = logp.detach().reshape(-1).masked_fill(~flat_valid, fill)
-        idx = torch.topk(scores, k, largest=top, sorted=False).indices
-        keep[idx] = True
-        return keep.view_as(valid)
+        order = torch.sort(scores, descending=top, stable=True).indices
+        ranked = torch.arange(order.numel(), device=order.device) < k
+        keep = torch.zeros_like(flat_valid).scatter_(0, order, ranked)
+        return (keep & flat_valid).view_as(valid)
     return valid
 
 
@@ -128,17 +130,16 @@ def _warn_all_masked() -> None:
                   "is empty); returning a zero loss", RuntimeWarning, stacklevel=3)
 
 
-def _reduce(per_token: torch.Tensor, keep: torch.Tensor, reduction: str, anchor: torch.Tensor) -> torch.Tensor:
+def _reduce(per_token: torch.Tensor, keep: torch.Tensor, reduction: str) -> torch.Tensor:
     per_token = torch.where(keep, per_token, torch.zeros_like(per_token))
     if reduction == "none":
         return per_token
-    n = int(keep.sum())
-    if n == 0:
+    n = keep.sum()  # a device tensor: reading it would wait for the device
+    if keep.device.type == "cpu" and n == 0:
         _warn_all_masked()
-        # Keep the graph connected so backward() still works and yields zero gradients.
-        return anchor.sum() * 0.0
+    # nothing kept: every term is 0, so is the loss, and backward() yields zero gradients
     total = per_token.sum(dtype=torch.float64).to(per_token.dtype)
-    return total / n if reduction == "mean" else total
+    return total / n.clamp(min=1) if reduction == "mean" else total
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor, *, objective: str = "nll", alpha: Optional[float] = None,
@@ -155,8 +156,9 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, *, objective: str = "nl
     padding positions carry ``ignore_index``. Log-probabilities are computed in fp32 whatever the
     dtype of ``logits``. ``reduction="mean"`` averages over the tokens the objective keeps, ``"sum"``
     sums them, ``"none"`` returns the per-token loss (0 where not kept) with the shape of ``labels``.
-    When nothing is kept the loss is 0 (with a ``RuntimeWarning``), never NaN. The result is fp32
-    (fp64 for fp64 logits).
+    When nothing is kept the loss is 0 (with a ``RuntimeWarning`` for CPU tensors), never NaN. The
+    result is fp32 (fp64 for fp64 logits). Nothing is read back from a GPU (no sync): the range of
+    the labels is checked on CPU tensors; on a GPU a label outside [0, V) fails in the gather.
     """
     spec = _check_objective(objective, alpha, tau, fraction, p)
     _check_reduction(reduction)
@@ -171,4 +173,4 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, *, objective: str = "nl
     logp_all = torch.log_softmax(_acc(logits), dim=-1)
     logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     keep = _keep_mask(logp, valid, spec)
-    return _reduce(_token_loss(logp, spec), keep, reduction, logp)
+    return _reduce(_token_loss(logp, spec), keep, reduction)
