@@ -80,8 +80,8 @@ def lowprec_step(state_dtype: str, params, ms, m_scales, vs, v_scales, grads, pi
     Per piece i (``pieces[i] = (carrier, start, length)``, non-overlapping): ``grads[i]`` (fp32,
     `length` elements) and ``scalars[i]`` (the values of `SCALARS`, then 1.0 where the moments
     are zeroed after the update); a piece whose ``skip`` is set is not stepped, and a carrier
-    all of whose pieces skip keeps its parameter and stored moments. ``books``: for int8 the code books and midpoints of both
-    moments (``state.int8_books()``), else empty.
+    all of whose pieces skip keeps its parameter and stored moments. ``books``: for int8 the
+    code books and midpoints of both moments (``state.int8_books()``), else empty.
     """
     if not params:
         return True

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ..backends.ref.optim import SCALARS
+
 COLS = ("k", "clip_max", "norm_mean", "norm_sq_mean", "theta_prod", "gamma2_prod", "gamma1_prod", "beta1_prod",
         "beta2_prod", "reset_epoch")
 _C = {name: i for i, name in enumerate(COLS)}
@@ -112,8 +114,6 @@ class Step:
 
     def rows(self, f, bc1, bc2, zero_before, consts: dict, clip_in_step: bool) -> torch.Tensor:
         """The [n, len(SCALARS)] table of the elementwise step (`lowbit.optim.kernels.SCALARS`)."""
-        from .kernels import SCALARS
-
         rnd = self.rnd
         n = self.amax.shape[0]
         cols = {"clip": (self.clipping if clip_in_step else torch.zeros_like(self.clipping)).double(),
