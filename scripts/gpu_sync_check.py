@@ -4,7 +4,7 @@
     python scripts/gpu_sync_check.py --out FILE.jsonl [--dry] [--seconds S]
 
 For every recipe (lowbit.nn.RECIPE_NAMES) and each optimizer the train loop builds (adamw, its
-default, and stable_spam, lowbit's fused one): a tiny Llama from configs/pretrain/tiny.yaml, built
+default, and stable_spam, lowbit's fused one; spam and classp on bf16 only): a tiny Llama from configs/pretrain/tiny.yaml, built
 by lowbit.train (model.build applies the recipe, optim.build the optimizer), two warm-up steps
 (kernels compile, optimizer state appears), then one full step - forward, the loop's nll loss,
 backward, optimizer step, zero_grad - under torch.cuda.set_sync_debug_mode("error"). The first
@@ -31,6 +31,7 @@ import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIMIZERS = ("adamw", "stable_spam")
+OTHER_OPTIMIZERS = ("spam", "classp")  # lowbit's others, on the bf16 recipe only (the step is the same)
 # The tiny config cut to two blocks (nvfp4 keeps the last 15 % of them in high precision): reduction dims of 256 and 512 so that every recipe quantizes every
 # layer (int4's activation groups are 256 wide), and 4 x 32 = 128 tokens per step, a multiple of the
 # 128-row blocks of the gradient GEMMs.
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
     deadline = time.monotonic() + args.seconds
     with open(args.out, "w") as out:
         for recipe in lnn.RECIPE_NAMES:
-            for optim in OPTIMIZERS:
+            for optim in OPTIMIZERS + (OTHER_OPTIMIZERS if recipe == "bf16" else ()):
                 rec = {"recipe": recipe, "optim": optim}
                 start = time.monotonic()
                 if start > deadline:

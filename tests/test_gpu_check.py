@@ -137,11 +137,11 @@ def test_shell_script_parses():
 def test_every_sync_lists_each_synchronising_frame(monkeypatch):
     """The sync check's second pass: each sync the step makes (reported by the "warn" debug mode as a
     warning) counted under its innermost lowbit frame. Faked on the CPU: Tensor.item warns as torch
-    does on a GPU, and SPAM's step reads one max |g| per tensor."""
+    does on a GPU, and reading Stable-SPAM's `stats` after a step reads its two device counts."""
     import torch
     import warnings
 
-    from lowbit.optim import SPAM
+    from lowbit.optim import StableSPAM
 
     path = os.path.join(ROOT, "scripts", "gpu_sync_check.py")
     sc_spec = importlib.util.spec_from_file_location("gpu_sync_check", path)
@@ -157,10 +157,11 @@ def test_every_sync_lists_each_synchronising_frame(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "item", syncing_item)
     ps = [torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(3))]
-    opt = SPAM(ps)
+    opt = StableSPAM(ps)
     for p in ps:
         p.grad = torch.ones_like(p)
-    found = sc.every_sync(opt.step)
+    assert sc.every_sync(opt.step) == []  # the step reads nothing back
+    found = sc.every_sync(lambda: opt.stats)
     assert len(found) == 1 and found[0]["count"] == 2
-    assert found[0]["frame"].startswith("lowbit/optim/_base.py:") and found[0]["frame"].endswith("in _finite_grads")
+    assert found[0]["frame"].startswith("lowbit/optim/_base.py:") and found[0]["frame"].endswith("in stats")
     assert sc.innermost([]) == "no Python frame"

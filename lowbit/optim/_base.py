@@ -1,5 +1,5 @@
-"""What StableSPAM, SPAM and CLASSP share: argument checks, the step loop and the skipping of
-gradients that hold NaN or Inf."""
+"""What StableSPAM, SPAM and CLASSP share: argument checks, the step loop and the counters of
+``optimizer.stats`` (counts made on a device are read only when the counters are)."""
 from __future__ import annotations
 
 import math
@@ -8,9 +8,7 @@ import numbers
 import torch
 from torch.optim import Optimizer
 
-from .state import ExactStateLoad, compute_dtype
-
-_INF = float("inf")
+from .state import ExactStateLoad
 
 
 # ---- argument checks ---------------------------------------------------------------------------
@@ -171,23 +169,3 @@ class LowbitOptimizer(ExactStateLoad, Optimizer):
 
     def _step_group(self, group: dict, index: dict) -> None:
         raise NotImplementedError
-
-    def _finite_or_skip(self, amax: float) -> bool:
-        """False, counting a skipped tensor, where max |g| is NaN or Inf."""
-        if math.isfinite(amax):
-            return True
-        self.stats["nonfinite_skipped"] += 1
-        return False
-
-    def _finite_grads(self, params):
-        """(p, its gradient in the compute dtype) for each non-empty p with a gradient free of
-        NaN and Inf; a tensor whose gradient has either is skipped, its state untouched."""
-        for p in params:
-            if p.grad is None:
-                continue
-            g = check_grad(p)
-            if not p.numel():
-                continue
-            if not self._finite_or_skip(torch.linalg.vector_norm(g, _INF).item()):
-                continue
-            yield p, g.to(compute_dtype(p))

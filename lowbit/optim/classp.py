@@ -8,7 +8,7 @@ import numbers
 import torch
 
 from ._base import LowbitOptimizer, check_grad, check_nonneg
-from .zero import reduce_pieces
+from .zero import reduce_table
 from .zero_pieces import FlatPartitions
 
 
@@ -93,32 +93,39 @@ class CLASSP(FlatPartitions, LowbitOptimizer):
                 self._check_known(w)
         flats = [w for w in params if self._is_flat(w)]
         plain = [w for w in params if w.numel() and not self._is_flat(w)]
-        pieces = self._pieces(group, plain, flats, 0)
-        self._local_stats(pieces)
-        if relative:  # the mean square of each whole tensor, over the ranks' slices
-            reduce_pieces(pieces, ("amax", "sumsq"), ("max", "sum"))
-        for pc in pieces:
-            if not self._finite_or_skip(pc.amax) or not pc.length:
-                continue
-            ms = pc.sumsq / pc.numel
-            thr = group["rel_threshold"] * ms if group["threshold"] is None else group["threshold"]
-            if group["eps"] is None:  # never 0: |g|^p of a tiny entry may underflow to 0 in S
-                eps = max(group["rel_eps"] * ms ** (group["p"] / 2), torch.finfo(pc.compute_dtype).tiny)
-            else:
-                eps = group["eps"]
-            self._update(pc, group, thr, eps)
+        by_device: dict = {}
+        for pc in self._pieces(group, plain, flats, 0):
+            by_device.setdefault(pc.carrier.device, []).append(pc)
+        for device, pieces in by_device.items():
+            # statistics, thresholds and the skip of a non-finite gradient stay on the device: reading
+            # them would wait for it (a sync per tensor on a GPU)
+            stats = self._stat_table(pieces, device)
+            if relative:  # the mean square of each whole tensor, over the ranks' slices
+                reduce_table(pieces, stats, ("max", "sum"))
+            live = torch.isfinite(stats[:, 0])
+            self._count("nonfinite_skipped", (~live).sum())
+            for i, pc in enumerate(pieces):
+                if not pc.length:
+                    continue
+                ms = stats[i, 1] / pc.numel
+                thr = group["rel_threshold"] * ms if group["threshold"] is None else group["threshold"]
+                if group["eps"] is None:  # never 0: |g|^p of a tiny entry may underflow to 0 in S
+                    eps = (group["rel_eps"] * ms ** (group["p"] / 2)).clamp(min=torch.finfo(pc.compute_dtype).tiny)
+                else:
+                    eps = group["eps"]
+                self._update(pc, group, thr, eps, live[i])
 
-    def _update(self, pc, group, threshold: float, eps: float) -> None:
+    def _update(self, pc, group, threshold, eps, live) -> None:
         st = self.state[pc.carrier]
         if "sum" not in st:
             st["sum"] = torch.zeros_like(pc.carrier, dtype=pc.compute_dtype, memory_format=torch.contiguous_format)
         g, power = pc.grad, group["p"]
         acc, w = pc.view(st["sum"]), pc.view(pc.carrier)
-        mask = g * g > threshold
+        mask = (g * g > threshold) & live
         a = g.abs()
         acc.add_(torch.where(mask, a if power == 1.0 else a.pow(power), 0.0))
         denom = acc.add(eps)
         if power != 1.0:
             denom.pow_(1.0 / power)
         w.sub_(torch.where(mask, g / denom, 0.0) * group["lr"])
-        self.stats["updated"] += int(mask.sum())
+        self._count("updated", mask.sum())

@@ -1,7 +1,8 @@
 """SPAM: Adam with spike-aware clipping, momentum reset and a warm-up after each reset.
 
 Keeps its moments through `lowbit.optim.state` and skips a tensor whose gradient holds NaN or
-Inf (counted in ``optimizer.stats["nonfinite_skipped"]``). Under DeepSpeed ZeRO each flat
+Inf (counted in ``optimizer.stats["nonfinite_skipped"]``), deciding on the device: a step reads
+nothing back to the host. Under DeepSpeed ZeRO each flat
 partition counts its own steps, so the reset and warm-up schedule follows training steps however
 many ``step()`` calls DeepSpeed makes per training step (one per ZeRO 3 sub group).
 """
@@ -12,7 +13,8 @@ import math
 import torch
 
 from . import state as S
-from ._base import LowbitOptimizer, check_adam, check_count, check_interval, check_nonneg
+from ._base import LowbitOptimizer, check_adam, check_count, check_grad, check_interval, check_nonneg
+from ._device import upload
 
 
 class SPAM(LowbitOptimizer):
@@ -72,40 +74,53 @@ class SPAM(LowbitOptimizer):
         interval = group["reset_interval"]
         reset = interval is not None and T % interval == 0
         if reset:
-            self.stats["resets"] += 1
+            self._stats["resets"] += 1
         since = T if interval is None or T < interval else T % interval
         clip_on = group["theta"] > 0 and T >= group["clip_delay"] and since >= group["clip_delay"]
         w = self.warmup_factor(T, interval, group["warmup_steps"])
         beta1, beta2 = group["betas"]
-        for p, g in self._finite_grads(group["params"]):
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            g = check_grad(p)
+            if not p.numel():
+                continue
+            # a gradient holding NaN / Inf leaves the tensor as it was: selected on the device, since
+            # reading the flag would wait for it (a sync per tensor on a GPU)
+            live = torch.isfinite(g).all()
+            self._count("nonfinite_skipped", ~live)
+            g = g.to(S.compute_dtype(p))
             st = self.state[p]
             if "step" not in st:
-                st["step"] = 0
+                st["step"] = torch.zeros((), dtype=torch.float64, device=p.device)
                 S.init_moment(st, "exp_avg", p, self.state_dtype)
                 S.init_moment(st, "exp_avg_sq", p, self.state_dtype)
+            elif not isinstance(st["step"], torch.Tensor):  # a state saved by an earlier version
+                st["step"] = upload(float(st["step"]), torch.float64, p.device)
             m, v = S.load_moments(st, p.shape, self.state_dtype)
             if reset:
-                m.zero_()
-                v.zero_()
-            st["step"] += 1
-            k = st["step"]
+                m, v = torch.zeros_like(m), torch.zeros_like(v)
+            k = st["step"] + 1.0
             if clip_on:
                 bound = v * group["theta"]
-                mask = (g * g > bound) & (v > 0)
-                n = int(mask.sum())
-                if n:
-                    g = torch.where(mask, torch.copysign(bound.sqrt_(), g), g)
-                    self.stats["clipped"] += n
-            m.mul_(beta1).add_(g, alpha=1.0 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+                spike = (g * g > bound) & (v > 0)
+                self._count("clipped", (spike & live).sum())
+                g = torch.where(spike, torch.copysign(bound.sqrt_(), g), g)
+            m = m.mul(beta1).add_(g, alpha=1.0 - beta1)
+            v = v.mul(beta2).addcmul_(g, g, value=1.0 - beta2)
             denom = v.sqrt().add_(group["eps"])
-            step_size = group["lr"] * math.sqrt(1.0 - beta2 ** k) / (1.0 - beta1 ** k)
-            p.addcdiv_(m, denom, value=-step_size * w)
+            step_size = torch.sqrt(1.0 - torch.pow(beta2, k)) * group["lr"] / (1.0 - torch.pow(beta1, k))
+            new = p - (m / denom) * (step_size * w).to(p.dtype)
             if group["weight_decay"]:
-                p.mul_(1.0 - group["lr"] * group["weight_decay"])
+                new.mul_(1.0 - group["lr"] * group["weight_decay"])
+            p.copy_(torch.where(live, new, p))
+            st["step"] = torch.where(live, k, st["step"])
             i = index[p]
+            kept = {key: st[key] for key in S.stored_keys(st)}
             S.store_moment(st, "exp_avg", m, self.state_dtype, S.sr_seed(self.seed, T, i, 0))
             S.store_moment(st, "exp_avg_sq", v, self.state_dtype, S.sr_seed(self.seed, T, i, 1))
+            for key, old in kept.items():
+                st[key] = S.select(live, st[key], old)
 
     def state_bytes(self) -> int:
         return S.measured_state_bytes(self)

@@ -212,15 +212,3 @@ def reduce_table(pieces, table: torch.Tensor, ops) -> None:
     for group, rows in by_group.values():
         idx = upload(rows, torch.int64, table.device)
         table.index_copy_(0, idx, gather_reduce(table.index_select(0, idx), ops, group))
-
-
-def reduce_pieces(pieces, attrs: tuple[str, str], ops: tuple[str, str]) -> None:
-    """Replace the local values (Python numbers) of `attrs` on the ZeRO pieces by their combination
-    over each piece's process group (pieces without a group are left as they are)."""
-    members = [pc for pc in pieces if pc.group is not None]
-    table = torch.tensor([[float(getattr(pc, a)) for a in attrs] for pc in members],
-                         dtype=torch.float64).reshape(-1, len(attrs))
-    reduce_table(members, table, ops)
-    for pc, row in zip(members, table.tolist()):
-        for a, x in zip(attrs, row):
-            setattr(pc, a, x)

@@ -102,12 +102,6 @@ class FlatPartitions:
             table.index_copy_(0, upload(local, torch.int64, device), got.to(device))
         return table
 
-    def _local_stats(self, pieces: list[Piece]) -> None:
-        """`_stat_table` as the pieces' `amax` and `sumsq` (Python floats)."""
-        if pieces:
-            for pc, (a, q) in zip(pieces, self._stat_table(pieces, pieces[0].carrier.device).tolist()):
-                pc.amax, pc.sumsq = a, q
-
     def _flat_pieces(self, group, flat, T) -> list[Piece]:
         if flat.dtype != torch.float32:
             raise TypeError(f"params: ZeRO flat partitions are expected in fp32, got {flat.dtype}")

@@ -192,3 +192,34 @@ def test_classp_bad_arguments():
         CLASSP(q, lr=-0.1)
     with pytest.raises(TypeError, match="^params:"):
         CLASSP([torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))])
+
+
+# ---------------------------------------------------------------------------------------------
+# both: a step reads nothing back to the host (on a GPU every read is a sync)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda ps: SPAM(ps, **SPAM_HP, state_dtype="int8"),
+    lambda ps: SPAM(ps, **SPAM_HP),
+    lambda ps: CLASSP(ps),
+    lambda ps: CLASSP(ps, threshold=1e-4, eps=1e-6, p=2.0),
+], ids=["spam-int8", "spam-fp32", "classp-relative", "classp-explicit"])
+def test_step_reads_nothing_back(monkeypatch, make):
+    """40 steps with spikes, resets and a NaN gradient on one tensor, with every way of reading a
+    tensor's value made to raise; the skipped tensor is left as it was, and the counts add up when
+    `stats` is read afterwards."""
+    from test_stable_spam_device import _refuse_host_reads
+
+    ps = [torch.nn.Parameter(torch.ones(300)), torch.nn.Parameter(torch.ones(8, 16))]
+    rows = spam_stream(40)
+    opt = make(ps)
+    with monkeypatch.context() as m:
+        _refuse_host_reads(m)
+        for t, g in enumerate(rows):
+            ps[0].grad = torch.cat([g, g[:100]]).float()
+            ps[1].grad = g[:128].reshape(8, 16).float() * (float("nan") if t == 20 else 1.0)
+            before = ps[1].detach().clone()
+            opt.step()
+            if t == 20:
+                assert torch.equal(ps[1].detach(), before)
+    assert opt.stats["nonfinite_skipped"] == 1 and opt.stats["steps"] == 40
+    assert all(torch.isfinite(p).all() for p in ps)
