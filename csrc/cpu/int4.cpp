@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "common.h"
+#include "lowbit/int4.h"
 #include "lowbit/registry.h"
 #include "simd.h"
 
@@ -16,7 +17,7 @@ namespace {
 
 constexpr float kWeightEps = 1e-5f;  // the fp32 nearest 1e-5 (0x3727C5AC)
 constexpr float kActEps = 1e-6f;     // the fp32 nearest 1e-6 (0x358637BD)
-constexpr int kTopK = 2;             // formats.INT4_TOPK
+constexpr int kTopK = kInt4TopK;
 constexpr uint32_t kNanBits = 0x7FC00000u;
 
 // round(v) of the spec: |v| to the integer grid (ties to even, or up iff frac > u), then v's sign.
@@ -180,23 +181,10 @@ at::Tensor int4_dequantize(const at::Tensor& data_in, const at::Tensor& record_i
   const float* rec = record.data_ptr<float>();
   float* o = out.data_ptr<float>();
 #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < R; ++r) {
-    for (int64_t c = 0; c < G; ++c) {
-      const float* rc = rec + (r * G + c) * F;
-      float* oc = o + r * K + c * g;
-      for (int64_t j = 0; j < g; ++j) {
-        const int64_t k = c * g + j;
-        const int nib = (d[r * (K / 2) + k / 2] >> (4 * (k & 1))) & 0xF;
-        if (weight) oc[j] = ((float)nib - rc[1]) * rc[0];
-        else oc[j] = ((float)(nib >= 8 ? nib - 16 : nib) * rc[0]) / 7.0f;
-      }
-      if (!weight)
-        for (int k = 0; k < kTopK; ++k) {
-          const float p = rc[1 + kTopK + k];
-          if (p >= 0.0f && p < (float)g) oc[(int64_t)p] = rc[1 + k];  // a record not from quantize: skip, never write out of the group
-        }
-    }
-  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t k = 0; k < K; ++k)
+      o[r * K + k] = int4_decode((d[r * (K / 2) + k / 2] >> (4 * (k & 1))) & 0xF, rec + (r * G + k / g) * F, k % g, g,
+                                 weight);
   return out;
 }
 

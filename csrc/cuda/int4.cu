@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "common.cuh"
+#include "lowbit/int4.h"
 #include "lowbit/registry.h"
 
 namespace lowbit {
@@ -21,7 +22,7 @@ namespace int4 {
 namespace {
 
 constexpr int kWarps = 8;  // groups per block
-constexpr int kTopK = 2;   // formats.INT4_TOPK
+constexpr int kTopK = kInt4TopK;
 constexpr uint32_t kNanBits = 0x7FC00000u;
 constexpr uint32_t kFull = 0xFFFFFFFFu;
 
@@ -129,18 +130,9 @@ __global__ void dequantize_kernel(const uint8_t* __restrict__ data, const float*
                                   int64_t g, bool weight, float* __restrict__ out) {
   const int64_t G = K / g;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t r = i / K, k = i % K, j = k % g;
-    const int nib = (data[r * (K / 2) + k / 2] >> (4 * (k & 1))) & 0xF;
-    const float* rc = rec + (r * G + k / g) * (weight ? 2 : 1 + 2 * kTopK);
-    float v;
-    if (weight) {
-      v = __fmul_rn(__fsub_rn((float)nib, rc[1]), rc[0]);
-    } else {
-      v = __fdiv_rn(__fmul_rn((float)(nib >= 8 ? nib - 16 : nib), rc[0]), 7.0f);
-      for (int p = 0; p < kTopK; ++p)  // the later kept value wins, as ref writes them in order
-        if (rc[1 + kTopK + p] >= 0.0f && rc[1 + kTopK + p] < (float)g && (int64_t)rc[1 + kTopK + p] == j) v = rc[1 + p];
-    }
-    out[i] = v;
+    const int64_t r = i / K, k = i % K;
+    out[i] = int4_decode((data[r * (K / 2) + k / 2] >> (4 * (k & 1))) & 0xF,
+                         rec + (r * G + k / g) * int4_record_floats(weight), k % g, g, weight);
   }
 }
 
