@@ -104,8 +104,8 @@ def _normalize_block(fmt: Format, block, R: int, K: int) -> tuple[int, int]:
 def _check_global_amax(amax: torch.Tensor, x: torch.Tensor) -> None:
     """check=True: a given amax must be finite and cover the data (else blocks saturate silently)."""
     value = float(amax)
-    if not math.isfinite(value):
-        raise ValueError(f"global_amax: expected a finite amax, got {value} (check=True)")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"global_amax: expected a finite amax >= 0, got {value} (check=True)")
     data_amax = float(x.detach().abs().amax()) if x.numel() else 0.0
     if value < data_amax:
         raise ValueError(f"global_amax: {value:g} is below the data's amax {data_amax:g}, so blocks would saturate "
@@ -121,7 +121,8 @@ def quantize(x: torch.Tensor, fmt, *, block=None, axis: int = -1, rounding: str 
            MX: (1, 32); NVFP4: (1, 16) (default) or (16, 16); INT4: (1, g), groups of g along `axis` (256 default).
     scale_mode: MX "floor" (default, OCP) or "rceil"; FP8 "exact" (default) or a power of two, "floor" / "rceil".
     global_amax: NVFP4 only: replaces amax(x) in the per-tensor scale (e.g. a delayed or all-reduced amax);
-           a Python number must be finite and > 0, a tensor >= 0.
+           a Python number must be finite and > 0, a tensor >= 0 (a negative one is refused on the CPU;
+           on a GPU, where reading it would wait for the device, it gives NaN scales).
     hadamard: apply the random Hadamard transform of this block along `axis` first (signs from `seed`).
     check: raise on NaN/Inf in `x` instead of encoding them as NaN scales, and on a `global_amax` that is
            NaN/Inf or below amax(x) (reading a tensor amax back costs a host sync, so only here).
@@ -144,12 +145,15 @@ def quantize(x: torch.Tensor, fmt, *, block=None, axis: int = -1, rounding: str 
         if isinstance(given, numbers.Real) and not (math.isfinite(given) and given > 0):
             raise ValueError(f"global_amax: expected a finite amax > 0, got {given!r}")
         global_amax = torch.as_tensor(global_amax, dtype=torch.float32, device=x.device).reshape(())
-        if not torch.compiler.is_compiling() and bool(global_amax < 0):  # a traced check would break the graph
-            raise ValueError(f"global_amax: expected a non-negative amax, got {float(global_amax)}")
+        if check:
+            _check_global_amax(global_amax, x)
+        elif global_amax.device.type == "cpu":  # read where that is free (a traced check would break the graph)
+            if not torch.compiler.is_compiling() and bool(global_amax < 0):
+                raise ValueError(f"global_amax: expected a non-negative amax, got {float(global_amax)}")
+        else:  # reading it would wait for the device: a negative amax gives NaN scales, never wrong values
+            global_amax = torch.where(global_amax < 0, float("nan"), global_amax)
     if check and x.numel() and not bool(torch.isfinite(x).all()):
         raise ValueError("x: contains NaN or Inf (check=True)")
-    if check and global_amax is not None:
-        _check_global_amax(global_amax, x)
     K = x.shape[axis]
     if hadamard is not None and fmt.kind == "int4":
         raise ValueError(f"hadamard: {fmt.name} has no Hadamard transform (Stable-SPAM's INT4 uses none)")

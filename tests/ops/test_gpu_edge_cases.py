@@ -286,3 +286,24 @@ def test_edge_input_past_one_grid_axis_matches_ref(backend, case):
             if block != "row":  # a column-layout row spans all tokens: not chunkable
                 _compare_chunk(g_col, w_col, lo, n, 1, g_col_dq, w_col.dequantize(torch.float32, backend="ref"),
                                f"{backend} {fmt} quantize_dual colwise")
+
+
+# ----------------------------------------------------------------------------- a device global_amax
+@needs_gpu
+@pytest.mark.cuda
+def test_edge_device_global_amax_is_not_read_back():
+    """NVFP4 with a CUDA `global_amax`: no host sync (reading it would wait for the GPU); a negative
+    one gives NaN scales instead of wrong values, and check=True refuses it."""
+    x = _normal((64, 128), torch.bfloat16, seed=5)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        good = lowbit.quantize(x, "nvfp4", global_amax=x.abs().amax().float())
+        bad = lowbit.quantize(x, "nvfp4", global_amax=torch.tensor(-2.0, device="cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = lowbit.quantize(x, "nvfp4", global_amax=x.abs().amax().float().cpu().item(), backend="ref")
+    assert_same_bits(good.dequantize(torch.float32), want.dequantize(torch.float32, backend="ref"), "device amax")
+    assert torch.isnan(bad.dequantize(torch.float32)).all()
+    with pytest.raises(ValueError, match="global_amax"):
+        lowbit.quantize(x, "nvfp4", global_amax=torch.tensor(-2.0, device="cuda"), check=True)
