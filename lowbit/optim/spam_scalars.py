@@ -38,10 +38,6 @@ def from_floats(st: dict, theta: float, gamma2: float, beta2: float) -> list[flo
             st.get("gamma1_prod", 1.0), st.get("beta1_prod", 1.0), beta2 ** j, float(st.get("reset_epoch", 0))]
 
 
-def col(state: torch.Tensor, name: str) -> torch.Tensor:
-    return state[:, _C[name]]
-
-
 def _f32(x: torch.Tensor) -> torch.Tensor:
     """x rounded to the nearest fp32 value, kept in fp64."""
     return x.float().double()
