@@ -30,12 +30,21 @@ def initial(epoch: int, device) -> torch.Tensor:
     return row
 
 
-def from_floats(st: dict, theta: float, gamma2: float, beta2: float) -> list[float]:
-    """The row of a state saved as Python floats by earlier versions (keys "step", "clip_max", ...)."""
+# the statistics as earlier versions saved them, Python floats in the tensor's state dict
+_FLOAT_KEYS = ("step", "clip_max", "norm_mean", "norm_sq_mean", "reset_epoch", "moment_step", "gamma1_prod",
+               "beta1_prod")
+
+
+def pop_floats(st: dict, theta: float, gamma2: float, beta2: float) -> list[float]:
+    """The row of a state saved as Python floats by earlier versions (keys "step", "clip_max", ...),
+    which are removed from `st`."""
     k = st["step"]
     j = st.get("moment_step", k)
-    return [float(k), st["clip_max"], st["norm_mean"], st["norm_sq_mean"], theta ** k, gamma2 ** k,
-            st.get("gamma1_prod", 1.0), st.get("beta1_prod", 1.0), beta2 ** j, float(st.get("reset_epoch", 0))]
+    row = [float(k), st["clip_max"], st["norm_mean"], st["norm_sq_mean"], theta ** k, gamma2 ** k,
+           st.get("gamma1_prod", 1.0), st.get("beta1_prod", 1.0), beta2 ** j, float(st.get("reset_epoch", 0))]
+    for key in _FLOAT_KEYS:
+        st.pop(key, None)
+    return row
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:

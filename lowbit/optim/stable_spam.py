@@ -20,10 +20,6 @@ from ._device import upload
 from .zero import reduce_table
 from .zero_pieces import FlatPartitions, by_carrier
 
-# the per-tensor statistics as earlier versions saved them (Python floats), converted on load
-_FLOAT_STATE = ("step", "clip_max", "norm_mean", "norm_sq_mean", "reset_epoch", "moment_step", "gamma1_prod",
-                "beta1_prod")
-
 
 class StableSPAM(FlatPartitions, LowbitOptimizer):
     r"""Stable-SPAM (Huang et al., 2025, "Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit Adam").
@@ -122,10 +118,8 @@ class StableSPAM(FlatPartitions, LowbitOptimizer):
         row = st.get("scalars")
         if row is None:
             if "step" in st:
-                vals = SC.from_floats(st, group["theta"], group["gamma2"], group["betas"][1])
-                for key in _FLOAT_STATE:
-                    st.pop(key, None)
-                row = upload(vals, torch.float64, device)
+                row = upload(SC.pop_floats(st, group["theta"], group["gamma2"], group["betas"][1]), torch.float64,
+                             device)
             else:
                 row = SC.initial(epoch, device)
             st["scalars"] = row
@@ -144,8 +138,9 @@ class StableSPAM(FlatPartitions, LowbitOptimizer):
         buckets: dict[tuple, list] = {}  # the scalars of a step live on one device, in one rounding
         for pc in self._pieces(group, plain, flats, T):
             buckets.setdefault((pc.carrier.device, pc.compute_dtype), []).append(pc)
+        s = self._scale(group, T)
         for pieces in buckets.values():
-            self._step_pieces(group, pieces, index, T, self._scale(group, T))
+            self._step_pieces(group, pieces, index, T, s)
 
     def _step_pieces(self, group, pieces, index, T, s):
         """One step of `pieces` (one device, one compute dtype): statistics, scalars and the
