@@ -9,7 +9,7 @@ import torch
 
 from ._base import LowbitOptimizer, check_grad, check_nonneg
 from .zero import reduce_table
-from .zero_pieces import FlatPartitions
+from .zero_pieces import FlatPartitions, LocalRows
 
 
 def _check_optional(value, name: str):
@@ -99,7 +99,7 @@ class CLASSP(FlatPartitions, LowbitOptimizer):
         for device, pieces in by_device.items():
             # statistics, thresholds and the skip of a non-finite gradient stay on the device: reading
             # them would wait for it (a sync per tensor on a GPU)
-            stats = self._stat_table(pieces, device)
+            stats = self._stat_table(pieces, LocalRows(pieces, device))
             if relative:  # the mean square of each whole tensor, over the ranks' slices
                 reduce_table(pieces, stats, ("max", "sum"))
             live = torch.isfinite(stats[:, 0])

@@ -18,7 +18,7 @@ from . import state as S
 from ._base import LowbitOptimizer, check_adam, check_fraction, check_grad, check_interval, check_unit
 from ._device import upload
 from .zero import reduce_table
-from .zero_pieces import FlatPartitions, by_carrier
+from .zero_pieces import FlatPartitions, LocalRows, by_carrier
 
 
 class StableSPAM(FlatPartitions, LowbitOptimizer):
@@ -151,20 +151,16 @@ class StableSPAM(FlatPartitions, LowbitOptimizer):
         epoch = T // interval if interval is not None else 0
         authors = self.compat == "official"
 
-        stats = self._stat_table(pieces, device)
+        local = LocalRows(pieces, device)
+        stats = self._stat_table(pieces, local)
         reduce_table(pieces, stats, ("max", "sum"))
         state = torch.stack([self._state_row(pc.st, group, epoch, device) for pc in pieces])
         sc = SC.Step(state, stats[:, 0], authors, fp32)
         table = sc.clip(group["theta"])
 
         # AdaClip changes the norm of the tensors it clips: their sum of squares again, on the device
-        local = [i for i, pc in enumerate(pieces) if pc.length]  # the pieces this rank holds elements of
-        idx = upload(local, torch.int64, device) if len(local) < len(pieces) else None
-        at_local = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))
-        clipped = torch.zeros_like(stats)
-        if local:
-            sums = kernels.clip_stats([pieces[i].grad for i in local], at_local(table))
-            clipped = sums if idx is None else clipped.index_copy_(0, idx, sums)
+        clipped = local.spread(kernels.clip_stats([pieces[i].grad for i in local.at], local.pick(table))
+                               if local.at else None)
         reduce_table(pieces, clipped, ("sum", "sum"))
         self._count("clipped", clipped[:, 1].sum())
         self._count("nonfinite_skipped", (~sc.live).sum())
@@ -178,15 +174,15 @@ class StableSPAM(FlatPartitions, LowbitOptimizer):
         consts = dict(b1=rnd(beta1), omb1=rnd(1.0 - beta1), b2=rnd(beta2), omb2=rnd(1.0 - beta2),
                       eps=rnd(group["eps"]), decay=rnd(1.0 - group["lr"] * group["weight_decay"]), lr=group["lr"])
         if authors:  # the clipped gradient goes into p.grad, and the step reads it from there
-            for i in local:
+            for i in local.at:
                 official.write_back_clipped(pieces[i], sc.clipping[i], table[i, 1], table[i, 2])
         rows = sc.rows(f, bc1, bc2, zero_before, consts, clip_in_step=not authors)
         torch._foreach_copy_([pc.st["scalars"] for pc in pieces], list(sc.new_state().unbind(0)))
-        if local:
-            steps = [pieces[i] for i in local]
+        if local.at:
+            steps = [pieces[i] for i in local.at]
             for pos, pc in enumerate(steps):
                 pc.pos = pos
-            self._elementwise(steps, at_local(rows), at_local(zero_after), at_local(sc.live), index, T)
+            self._elementwise(steps, local.pick(rows), local.pick(zero_after), local.pick(sc.live), index, T)
 
     def _elementwise(self, steps, rows, zero_after, live, index, T):
         """The step of each piece this rank holds (``steps[i].pos == i``, the pieces of a carrier

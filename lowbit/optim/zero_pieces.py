@@ -34,6 +34,29 @@ class Piece:
         return self.grad_out().to(self.compute_dtype)
 
 
+class LocalRows:
+    """The pieces this rank holds elements of (``at``, their positions in `pieces`), and the map
+    between tables with a row per such piece and tables with a row per piece, on `device` (the
+    positions uploaded once, and not at all where the rank holds a slice of every piece)."""
+
+    def __init__(self, pieces: list[Piece], device):
+        self.at = [i for i, pc in enumerate(pieces) if pc.length]
+        self.n, self.device = len(pieces), device
+        self.idx = upload(self.at, torch.int64, device) if len(self.at) < self.n else None
+
+    def pick(self, table: torch.Tensor) -> torch.Tensor:
+        """The rows of `table` (a row per piece) of the local pieces."""
+        return table if self.idx is None else table.index_select(0, self.idx)
+
+    def spread(self, rows: torch.Tensor | None, width: int = 2) -> torch.Tensor:
+        """[n, width] fp64 with `rows` (a row per local piece, None where there is none) at their
+        pieces' positions and zeros elsewhere."""
+        if self.idx is None and rows is not None:
+            return rows.to(self.device)
+        out = torch.zeros((self.n, width), dtype=torch.float64, device=self.device)
+        return out if rows is None else out.index_copy_(0, self.idx, rows.to(self.device))
+
+
 def by_carrier(pieces) -> dict:
     """id(carrier) -> (carrier, its pieces), in the order the carriers first appear."""
     out = {}
@@ -87,20 +110,13 @@ class FlatPartitions:
         return pieces
 
     @staticmethod
-    def _stat_table(pieces: list[Piece], device) -> torch.Tensor:
-        """[len(pieces), 2] fp64 on `device`: max |g| and sum g^2 of this rank's slice of each piece's
-        gradient (zeros where it holds none), one kernel call for all; gives those pieces their
-        gradient view (`grad`)."""
-        local = [i for i, pc in enumerate(pieces) if pc.length]
-        for i in local:
+    def _stat_table(pieces: list[Piece], local: LocalRows) -> torch.Tensor:
+        """[len(pieces), 2] fp64: max |g| and sum g^2 of this rank's slice of each piece's gradient
+        (zeros where it holds none), one kernel call for all; gives those pieces their gradient view
+        (`grad`)."""
+        for i in local.at:
             pieces[i].grad = pieces[i].grad_view()
-        if local and len(local) == len(pieces):
-            return kernels.grad_stats([pc.grad for pc in pieces]).to(device)
-        table = torch.zeros((len(pieces), 2), dtype=torch.float64, device=device)
-        if local:
-            got = kernels.grad_stats([pieces[i].grad for i in local])
-            table.index_copy_(0, upload(local, torch.int64, device), got.to(device))
-        return table
+        return local.spread(kernels.grad_stats([pieces[i].grad for i in local.at]) if local.at else None)
 
     def _flat_pieces(self, group, flat, T) -> list[Piece]:
         if flat.dtype != torch.float32:
