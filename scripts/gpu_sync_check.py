@@ -4,10 +4,11 @@
     python scripts/gpu_sync_check.py --out FILE.jsonl [--dry] [--seconds S]
 
 For every recipe (lowbit.nn.RECIPE_NAMES) and each optimizer the train loop builds (adamw, its
-default, and stable_spam, lowbit's fused one; spam and classp on bf16 only): a tiny Llama from configs/pretrain/tiny.yaml, built
-by lowbit.train (model.build applies the recipe, optim.build the optimizer), two warm-up steps
-(kernels compile, optimizer state appears), then one full step - forward, the loop's nll loss,
-backward, optimizer step, zero_grad - under torch.cuda.set_sync_debug_mode("error"). The first
+default, and stable_spam, lowbit's fused one; spam and classp on bf16 only): a tiny Llama from
+configs/pretrain/tiny.yaml, built by lowbit.train (model.build applies the recipe, optim.build the
+optimizer), two warm-up steps (kernels compile, optimizer state appears), then one full step -
+forward, the loop's nll loss, backward, optimizer step, zero_grad - under
+torch.cuda.set_sync_debug_mode("error"). The first
 synchronising operation raises; its message and the innermost lowbit frame of its traceback are
 recorded, and any sync is a failure. The step is then run once more under the "warn" mode, which
 lists every synchronising operation reached from Python code (not only the first) by its innermost

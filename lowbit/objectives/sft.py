@@ -53,10 +53,11 @@ def _check_labels(labels: Any, expect_shape: torch.Size, vocab: int, ignore_inde
     valid = labels != ignore_index
     # the range is read on the host only where that is free: on a GPU it would wait for the device
     # (a sync in every training step); there an out-of-range label fails in the gather instead
-    if labels.device.type == "cpu" and labels.numel() and bool(((labels < 0) | (labels >= vocab)).logical_and(valid).any()):
-        bad = labels[valid & ((labels < 0) | (labels >= vocab))]
-        raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
-                         f"found {bad[:4].tolist()}")
+    if labels.device.type == "cpu" and labels.numel():
+        outside = ((labels < 0) | (labels >= vocab)).logical_and(valid)
+        if bool(outside.any()):
+            raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                             f"found {labels[outside][:4].tolist()}")
     return valid
 
 

@@ -1,6 +1,8 @@
 """Stable-SPAM keeps its per-tensor statistics on the device: a step never reads a tensor back to the
 host (on a GPU such a read is a sync), a state saved as Python floats by earlier versions still
 loads, and the fp64 statistics survive a state_dict round trip."""
+import math
+
 import pytest
 import torch
 
@@ -78,7 +80,7 @@ def _legacy(opt, p) -> dict:
     st.update(step=int(row["k"]), clip_max=row["clip_max"], norm_mean=row["norm_mean"],
               norm_sq_mean=row["norm_sq_mean"], gamma1_prod=row["gamma1_prod"], beta1_prod=row["beta1_prod"],
               reset_epoch=int(row["reset_epoch"]),
-              moment_step=round(torch.log(torch.tensor(row["beta2_prod"])).item() / torch.log(torch.tensor(0.999)).item()))
+              moment_step=round(math.log(row["beta2_prod"]) / math.log(0.999)))
     return st
 
 
