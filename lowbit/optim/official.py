@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 
-import torch
+from . import kernels
 
 
 def cosine_scale(T: int, total: int, eta_min: float) -> float:
@@ -39,6 +39,5 @@ def cosine_scale(T: int, total: int, eta_min: float) -> float:
 def write_back_clipped(pc, clip, mh, r) -> None:
     """Where `clip` (a 0-d bool tensor), clip the piece's gradient with the fp32 threshold `mh` and
     ratio `r` (0-d tensors) and write it into ``p.grad`` (quirk 5); selected on the device."""
-    mh, r = mh.to(pc.grad.dtype), r.to(pc.grad.dtype)
-    pc.grad = torch.where(clip & (pc.grad.abs() > mh), pc.grad * r, pc.grad)
+    pc.grad = kernels.clipped(pc.grad, clip, mh.to(pc.grad.dtype), r.to(pc.grad.dtype))
     pc.grad_out().copy_(pc.grad)

@@ -96,10 +96,15 @@ def grad_stats(grads: list[torch.Tensor]) -> torch.Tensor:
     return _stat_table(rows, device)
 
 
-def clipped(g: torch.Tensor, mh, r) -> torch.Tensor:
-    """``|g| > mh ? g * r : g`` with fp32 mh, r (Python floats or 0-d tensors; the comparison and
-    product in g's dtype)."""
-    return torch.where(g.abs() > mh, g * r, g)
+def clip_hits(g: torch.Tensor, clip: torch.Tensor, mh: torch.Tensor) -> torch.Tensor:
+    """The entries AdaClip rescales: ``|g| > mh`` where the tensor's ``clip`` flag (a 0-d tensor) is
+    set; mh a 0-d tensor in g's dtype (fp32-exact)."""
+    return (clip != 0) & (g.abs() > mh)
+
+
+def clipped(g: torch.Tensor, clip: torch.Tensor, mh: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``clip and |g| > mh ? g * r : g`` (0-d tensors in g's dtype; the product in g's dtype)."""
+    return torch.where(clip_hits(g, clip, mh), g * r, g)
 
 
 def clip_stats(grads: list[torch.Tensor], table: torch.Tensor) -> torch.Tensor:
@@ -109,9 +114,8 @@ def clip_stats(grads: list[torch.Tensor], table: torch.Tensor) -> torch.Tensor:
     device = grads[0].device if grads else torch.device("cpu")
     rows = []
     for g, (clip, mh, r) in zip(grads, _per_tensor(table, [g.dtype for g in grads])):
-        hit = (g.abs() > mh) & (clip != 0)
-        s = sumsq_spec(torch.where(hit, g * r, g))
-        rows.append((torch.where(clip != 0, s, 0.0), hit.sum().to(torch.float64)))
+        s = sumsq_spec(clipped(g, clip, mh, r))
+        rows.append((torch.where(clip != 0, s, 0.0), clip_hits(g, clip, mh).sum().to(torch.float64)))
     return _stat_table(rows, device)
 
 
@@ -150,7 +154,7 @@ def _sqrt(v: torch.Tensor) -> torch.Tensor:
 def _adam_foreach(params, grads, ms, vs, rows) -> None:
     """The step with each tensor's scalars as 0-d tensors: flags select with torch.where, never
     with a branch on the host."""
-    gs = [torch.where((r[0] != 0) & (g.abs() > r[1]), g * r[2], g) for g, r in zip(grads, rows)]
+    gs = [clipped(g, r[0], r[1], r[2]) for g, r in zip(grads, rows)]
     gs = torch._foreach_mul(gs, _col(rows, "f"))
     zero, skip = _col(rows, "zero"), _col(rows, "skip")
     m0 = [torch.where(z != 0, 0.0, m) for m, z in zip(ms, zero)]
