@@ -116,11 +116,8 @@ class SPAM(LowbitOptimizer):
             p.copy_(torch.where(live, new, p))
             st["step"] = torch.where(live, k, st["step"])
             i = index[p]
-            kept = {key: st[key] for key in S.stored_keys(st)}
-            S.store_moment(st, "exp_avg", m, self.state_dtype, S.sr_seed(self.seed, T, i, 0))
-            S.store_moment(st, "exp_avg_sq", v, self.state_dtype, S.sr_seed(self.seed, T, i, 1))
-            for key, old in kept.items():
-                st[key] = S.select(live, st[key], old)
+            S.store_moments(st, m, v, self.state_dtype, (S.sr_seed(self.seed, T, i, 0), S.sr_seed(self.seed, T, i, 1)),
+                            live)
 
     def state_bytes(self) -> int:
         return S.measured_state_bytes(self)

@@ -217,16 +217,12 @@ class StableSPAM(FlatPartitions, LowbitOptimizer):
             i = index[c]
             if targets[key] is not c:
                 S.round_param_(c, targets[key], S.sr_seed(self.seed, T, i, 2))
-            st = self.state[c]
             pcs = carriers[key][1]
-            # a carrier none of whose pieces stepped keeps its stored moments (no decode / encode round trip)
-            kept = {} if self.state_dtype == "fp32" else {k: st[k] for k in S.stored_keys(st)}
-            S.store_moment(st, "exp_avg", m, self.state_dtype, S.sr_seed(self.seed, T, i, 0))
-            S.store_moment(st, "exp_avg_sq", v, self.state_dtype, S.sr_seed(self.seed, T, i, 1))
-            if kept:
-                stepped = live[pcs[0].pos:pcs[-1].pos + 1].any()
-                for k, old in kept.items():
-                    st[k] = S.select(stepped, st[k], old)
+            # fp32 moments are updated in place, skipped pieces untouched; stored ones are encoded again,
+            # so a carrier none of whose pieces stepped keeps what it had
+            stepped = None if self.state_dtype == "fp32" else live[pcs[0].pos:pcs[-1].pos + 1].any()
+            S.store_moments(self.state[c], m, v, self.state_dtype,
+                            (S.sr_seed(self.seed, T, i, 0), S.sr_seed(self.seed, T, i, 1)), stepped)
 
     def _fused_step(self, carriers: dict, rows, zero_after, index: dict, T: int) -> bool:
         """Step the carriers of bf16 / fp8 / int8 moments with the fused native kernel (decode, step and

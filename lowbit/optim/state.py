@@ -209,9 +209,19 @@ def store_moment(state: dict, name: str, x: torch.Tensor, state_dtype: str, seed
         state[name], state[name + "_scale"] = int8_encode(x, _SIGNED[name])
 
 
-def stored_keys(state: dict) -> list[str]:
-    """The keys `store_moment` writes that `state` holds."""
-    return [k for k in ("exp_avg", "exp_avg_scale", "exp_avg_sq", "exp_avg_sq_scale") if k in state]
+def store_moments(state: dict, m: torch.Tensor, v: torch.Tensor, state_dtype: str, seeds: tuple[int, int],
+                  stepped: torch.Tensor | None = None) -> None:
+    """Store both moments (`seeds`: their stochastic-rounding seeds). Where `stepped` (a 0-d bool) is
+    given and false, the tensors stored before are kept bit for bit: a tensor that did not step does
+    not go through a decode / encode round trip, and the flag is never read on the host."""
+    kept = {} if stepped is None else {k: state[k] for k in _MOMENT_KEYS if k in state}
+    store_moment(state, "exp_avg", m, state_dtype, seeds[0])
+    store_moment(state, "exp_avg_sq", v, state_dtype, seeds[1])
+    for k, old in kept.items():
+        state[k] = select(stepped, state[k], old)
+
+
+_MOMENT_KEYS = ("exp_avg", "exp_avg_scale", "exp_avg_sq", "exp_avg_sq_scale")  # what store_moment writes
 
 
 def select(flag: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
